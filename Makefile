@@ -1,0 +1,52 @@
+# `make run`: set up everything and run the main job.  `make test`: set up everything and run the tests.
+# The environment lives outside the repository, keyed by the requirements, so a second set-up is instant.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+ENV_KEY := $(shell cat requirements.txt | sha1sum | cut -c1-12)
+VENV ?= $(HOME)/.cache/clfast/venv-$(ENV_KEY)
+PY := $(VENV)/bin/python
+DATA_DIR ?= /usr/share/datasets/fashion-mnist
+MAX_JOBS ?= 2
+ROOT := $(shell [ "$$(id -u)" = 0 ] && echo yes)
+# Run from the checkout, not an installed copy: every clone tests its own code with the shared environment.
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+export MAX_JOBS
+
+.PHONY: run test bench env build data clean
+
+run: build data
+	$(PY) -m clfast --data-dir $(DATA_DIR)
+
+test: build data
+	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable
+
+bench: build
+	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-columns=min,median,mean,rounds --benchmark-sort=name
+
+env: $(VENV)/.installed
+
+# System packages a bare Debian lacks: venv/ensurepip, Python headers, a C++ compiler.
+$(VENV)/.installed: requirements.txt
+	@if ! $(PYTHON) -c 'import ensurepip, sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null \
+	    || ! command -v g++ >/dev/null; then \
+	  if [ -n "$(ROOT)" ]; then apt-get update -qq && apt-get install -y -qq python3-venv python3-dev g++ make; \
+	  else echo "missing python3-venv / python3-dev / g++: install them (sudo apt-get install python3-venv python3-dev g++)"; exit 1; fi; fi
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+# In-place build with a persistent build/ folder: ninja recompiles only what changed.
+build: env
+	$(PY) setup.py -q build_ext --inplace
+
+data:
+	@if [ ! -f $(DATA_DIR)/train-images-idx3-ubyte.gz ]; then \
+	  if [ -n "$(ROOT)" ] && [ "$(DATA_DIR)" = /usr/share/datasets/fashion-mnist ]; then \
+	    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	  else echo "Fashion-MNIST is missing from $(DATA_DIR): sudo apt-get install dataset-fashion-mnist"; exit 1; fi; fi
+
+clean:
+	rm -rf build clfast/_C*.so

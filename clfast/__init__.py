@@ -1,0 +1,12 @@
+"""clfast: fused C++/CUDA kernels for continual learning on PyTorch.
+
+Ops run through ``torch.ops.clfast.*`` when the native extension is built and on the pure-torch references
+in :mod:`clfast.reference` otherwise (same numbers, slower). :func:`backend` says which, :func:`set_backend`
+or ``CLFAST_BACKEND=reference`` forces the references.
+"""
+from ._ops import backend, native_available, set_backend
+from ._version import __version__
+from . import optim, si
+from .si import SI
+
+__all__ = ["__version__", "backend", "set_backend", "native_available", "si", "SI", "optim"]

@@ -1,0 +1,176 @@
+"""The one place where clfast chooses between the native extension and the pure-torch references.
+
+Modules call the functions below; each forwards to ``torch.ops.clfast.<op>`` (the dispatcher then picks the
+CPU or CUDA kernel) or, on the reference backend, to the function of the same name in ``clfast.reference``.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable, List, Sequence
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+BACKENDS = ("native", "reference")
+
+try:
+    from . import _C  # noqa: F401  (loading it registers torch.ops.clfast.*)
+
+    _native_error: str | None = None
+except ImportError as exc:  # not built, or built against another torch
+    _native_error = f"{type(exc).__name__}: {exc}"
+
+
+def native_available() -> bool:
+    """True when the compiled extension ``clfast._C`` is loaded."""
+    return _native_error is None
+
+
+def _initial_backend() -> str:
+    requested = os.environ.get("CLFAST_BACKEND", "").strip().lower()
+    if requested and requested not in BACKENDS:
+        raise ValueError(f"CLFAST_BACKEND must be one of {BACKENDS}, got {requested!r}")
+    if requested == "reference":
+        return "reference"
+    if native_available():
+        return "native"
+    warnings.warn(
+        f"clfast: the native extension could not be loaded ({_native_error}); running on the pure-torch "
+        "reference ops, which give the same numbers more slowly. Build it with "
+        "`pip install --no-build-isolation -e .`.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return "reference"
+
+
+_backend = _initial_backend()
+
+
+def backend() -> str:
+    """The backend ops run on: ``"native"`` (compiled C++/CUDA kernels) or ``"reference"`` (pure torch)."""
+    return _backend
+
+
+def set_backend(name: str) -> None:
+    """Switch every clfast op to ``"native"`` or ``"reference"``. Raises if native is asked for but not built."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "native" and not native_available():
+        raise RuntimeError(f"clfast: the native extension is not available ({_native_error})")
+    _backend = name
+
+
+def _op(name: str) -> Callable:
+    if _backend == "native":
+        return getattr(torch.ops.clfast, name)
+    return getattr(reference, name)
+
+
+# ---- SI ----------------------------------------------------------------------------------------------------
+
+
+def si_accumulate_(
+    omega: Sequence[Tensor], params: Sequence[Tensor], ref: Sequence[Tensor], grads: Sequence[Tensor],
+    ref_is_delta: bool = False,
+) -> None:
+    """``omega_i += (params_i - ref_i) * (-grads_i)``, or ``omega_i += ref_i * (-grads_i)`` if ``ref_is_delta``."""
+    if len(params):
+        _op("si_accumulate_")(list(omega), list(params), list(ref), list(grads), ref_is_delta)
+
+
+def si_consolidate_(
+    importance: Sequence[Tensor], prev: Sequence[Tensor], omega: Sequence[Tensor], params: Sequence[Tensor],
+    epsilon: float,
+) -> None:
+    """``importance_i += clamp(omega_i / ((params_i - prev_i)^2 + epsilon), min=0)``; ``prev_i = params_i``;
+    ``omega_i = 0``."""
+    if len(params):
+        _op("si_consolidate_")(list(importance), list(prev), list(omega), list(params), float(epsilon))
+
+
+def si_penalty(importance: Sequence[Tensor], prev: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
+    """``sum_i sum(importance_i * (params_i - prev_i)^2)`` as a 0-dim tensor, differentiable in ``params``."""
+    if not len(params):
+        return torch.zeros(())
+    return _op("si_penalty")(list(importance), list(prev), list(params))
+
+
+def si_penalty_grad_(
+    grads: Sequence[Tensor], importance: Sequence[Tensor], prev: Sequence[Tensor], params: Sequence[Tensor],
+    scale: float,
+) -> None:
+    """``grads_i += scale * 2 * importance_i * (params_i - prev_i)`` with no autograd graph."""
+    if len(params):
+        _op("si_penalty_grad_")(list(grads), list(importance), list(prev), list(params), float(scale))
+
+
+# ---- fused optimizer steps -----------------------------------------------------------------------------------
+
+
+def sgd_si_step_(
+    params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], omega: List[Tensor], *,
+    lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool, init_buffers: bool,
+) -> None:
+    """torch.optim.SGD's update of ``params`` (and ``momentum_buffers``); ``omega += (new - old) * (-grads)``
+    when ``omega`` is non-empty."""
+    if params:
+        _op("sgd_si_step_")(params, grads, momentum_buffers, omega, float(lr), float(momentum), float(dampening),
+                            float(weight_decay), bool(nesterov), bool(init_buffers))
+
+
+def adam_si_step_(
+    params: List[Tensor], grads: List[Tensor], exp_avg: List[Tensor], exp_avg_sq: List[Tensor],
+    omega: List[Tensor], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+    bias_correction1: float, bias_correction2: float,
+) -> None:
+    """torch.optim.Adam's update of ``params`` and its moments; ``omega`` as in :func:`sgd_si_step_`."""
+    if params:
+        _op("adam_si_step_")(params, grads, exp_avg, exp_avg_sq, omega, float(lr), float(beta1), float(beta2),
+                             float(eps), float(weight_decay), float(bias_correction1), float(bias_correction2))
+
+
+# ---- fake (meta) kernels and autograd for the native ops --------------------------------------------------------
+
+if native_available():
+
+    @torch.library.register_fake("clfast::si_accumulate_")
+    def _(omega, params, ref, grads, ref_is_delta):
+        return None
+
+    @torch.library.register_fake("clfast::si_consolidate_")
+    def _(importance, prev, omega, params, epsilon):
+        return None
+
+    @torch.library.register_fake("clfast::si_penalty")
+    def _(importance, prev, params):
+        return params[0].new_empty(())
+
+    @torch.library.register_fake("clfast::si_penalty_backward")
+    def _(grad_out, importance, prev, params):
+        return [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
+
+    @torch.library.register_fake("clfast::si_penalty_grad_")
+    def _(grads, importance, prev, params, scale):
+        return None
+
+    @torch.library.register_fake("clfast::sgd_si_step_")
+    def _(params, grads, momentum_buffers, omega, lr, momentum, dampening, weight_decay, nesterov, init_buffers):
+        return None
+
+    @torch.library.register_fake("clfast::adam_si_step_")
+    def _(params, grads, exp_avg, exp_avg_sq, omega, lr, beta1, beta2, eps, weight_decay, bc1, bc2):
+        return None
+
+    def _si_penalty_setup(ctx, inputs, output):
+        ctx.importance, ctx.prev, ctx.params = inputs
+
+    def _si_penalty_backward(ctx, grad):
+        grads = torch.ops.clfast.si_penalty_backward(grad, ctx.importance, ctx.prev, ctx.params)
+        return [None] * len(grads), [None] * len(grads), grads
+
+    torch.library.register_autograd("clfast::si_penalty", _si_penalty_backward, setup_context=_si_penalty_setup)

@@ -1,0 +1,147 @@
+"""SGD and Adam whose step also performs SI's accumulation, in one fused pass over memory.
+
+``torch.optim.SGD`` + ``SI.before_step()`` / ``after_step()`` reads and writes the parameters several times
+and keeps a pre-step copy; these optimizers compute the update and ``omega += (new - old) * (-grad)`` per
+element in one kernel. Parameter values equal torch's optimizers' within float rounding, and after
+``si.consolidate()`` the importances equal what hypnettorch's pre/post functions give around torch's step.
+
+State dicts use torch's keys (``momentum_buffer``; ``step``, ``exp_avg``, ``exp_avg_sq``), so state moves
+between these and ``torch.optim`` either way.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import _ops
+from .si import SI
+
+__all__ = ["SGD", "Adam"]
+
+
+def _check_si(si: Optional[SI]) -> Optional[SI]:
+    if si is not None and not isinstance(si, SI):
+        raise TypeError(f"si must be a clfast.SI or None, got {type(si).__name__}")
+    return si
+
+
+def _grad_of(p: Tensor) -> Tensor:
+    if p.grad.is_sparse:
+        raise RuntimeError("clfast.optim does not support sparse gradients")
+    return p.grad
+
+
+class _SIOptimizer(Optimizer):
+    """Groups each step's parameters into lists for one op call per (SI-tracked, extra key) bucket."""
+
+    si: Optional[SI]
+
+    def _buckets(self, group: dict, key: Callable[[Tensor, dict], object]) -> Dict[tuple, Tuple[list, list, list]]:
+        """(tracked by SI, key(p, state)) -> (params, grads, omegas) for the params of ``group`` with grads."""
+        buckets: Dict[tuple, Tuple[list, list, list]] = defaultdict(lambda: ([], [], []))
+        position = self.si._position if self.si is not None else {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            k = position.get(id(p))
+            bucket = buckets[(k is not None, key(p, self.state[p]))]
+            bucket[0].append(p)
+            bucket[1].append(_grad_of(p))
+            if k is not None:
+                bucket[2].append(self.si.omega[k])
+        return buckets
+
+
+class SGD(_SIOptimizer):
+    """``torch.optim.SGD`` (momentum, dampening, Nesterov, weight decay) fused with SI's accumulation.
+
+    Args:
+        params: parameters or parameter groups, as for torch's optimizers.
+        si: a :class:`clfast.SI` whose parameters this optimizer updates; its running estimate ``omega`` is
+            accumulated in the same pass as the update (no ``before_step``/``after_step`` needed).
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, si: Optional[SI] = None) -> None:
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov)
+        super().__init__(params, defaults)
+        self.si = _check_si(si)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            use_momentum = group["momentum"] != 0
+            key = lambda p, state: use_momentum and state.get("momentum_buffer") is None  # noqa: E731
+            for (_, init), (params, grads, omegas) in self._buckets(group, key).items():
+                bufs: List[Tensor] = []
+                if use_momentum:
+                    for p in params:
+                        state = self.state[p]
+                        if state.get("momentum_buffer") is None:
+                            state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                        bufs.append(state["momentum_buffer"])
+                _ops.sgd_si_step_(params, grads, bufs, omegas, lr=group["lr"], momentum=group["momentum"],
+                                  dampening=group["dampening"], weight_decay=group["weight_decay"],
+                                  nesterov=group["nesterov"], init_buffers=bool(init))
+        return loss
+
+
+class Adam(_SIOptimizer):
+    """``torch.optim.Adam`` (L2 weight decay, no amsgrad) fused with SI's accumulation; see :class:`SGD`."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, *, si: Optional[SI] = None) -> None:
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if eps < 0.0:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.si = _check_si(si)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is not None and len(self.state[p]) == 0:
+                    self.state[p]["step"] = 0
+                    self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    self.state[p]["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            # `step` may be a CPU tensor when the state came from torch.optim.Adam: float() is no device sync.
+            key = lambda p, state: int(float(state["step"]))  # noqa: E731
+            for (_, step), (params, grads, omegas) in self._buckets(group, key).items():
+                step += 1
+                for p in params:
+                    self.state[p]["step"] = step
+                _ops.adam_si_step_(params, grads, [self.state[p]["exp_avg"] for p in params],
+                                   [self.state[p]["exp_avg_sq"] for p in params], omegas, lr=group["lr"],
+                                   beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                                   bias_correction1=1 - beta1 ** step, bias_correction2=1 - beta2 ** step)
+        return loss

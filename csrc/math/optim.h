@@ -1,0 +1,48 @@
+// Element-wise optimizer math shared by the CPU and CUDA kernels, in the operation order of
+// torch.optim.SGD / Adam's single-tensor code paths, so parameters match torch's within rounding.
+#pragma once
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+
+namespace clfast {
+
+template <typename T>
+struct SgdHyper {
+  T lr, momentum, dampening_complement, weight_decay;  // dampening_complement = 1 - dampening
+  bool use_momentum, nesterov, init_buffers, weight_decayed;
+};
+
+// Returns the new parameter value; updates the momentum buffer in place when momentum is used.
+template <typename T>
+C10_HOST_DEVICE inline T sgd_update(T param, T grad, T* buf, const SgdHyper<T>& h) {
+  T g = h.weight_decayed ? grad + h.weight_decay * param : grad;
+  if (h.use_momentum) {
+    const T b = h.init_buffers ? g : *buf * h.momentum + h.dampening_complement * g;
+    *buf = b;
+    g = h.nesterov ? g + h.momentum * b : b;
+  }
+  return param + (-h.lr) * g;
+}
+
+template <typename T>
+struct AdamHyper {
+  T one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, neg_step_size, bias_correction2_sqrt;
+  bool weight_decayed;
+};
+
+template <typename T>
+C10_HOST_DEVICE inline T adam_update(T param, T grad, T* exp_avg, T* exp_avg_sq, const AdamHyper<T>& h) {
+  const T g = h.weight_decayed ? grad + h.weight_decay * param : grad;
+  // exp_avg.lerp_(g, 1 - beta1), with torch's two-sided lerp formula.
+  const T m0 = *exp_avg, w = h.one_minus_beta1;
+  const T m = w < T(0.5) ? m0 + w * (g - m0) : g - (g - m0) * (T(1) - w);
+  // exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+  const T v = *exp_avg_sq * h.beta2 + h.one_minus_beta2 * g * g;
+  *exp_avg = m;
+  *exp_avg_sq = v;
+  const T denom = std::sqrt(v) / h.bias_correction2_sqrt + h.eps;
+  return param + h.neg_step_size * (m / denom);
+}
+
+}  // namespace clfast

@@ -1,0 +1,32 @@
+// Every clfast schema, in one place. Backends register implementations in csrc/cpu and csrc/cuda.
+#include <Python.h>
+#include <torch/library.h>
+
+// `import clfast._C` loads this library, whose static initialisers register the ops below.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(clfast, m) {
+  // ---- Synaptic Intelligence (csrc/*/si.*, clfast/reference/si.py) ----
+  // omega += (params - ref) * (-grads), or omega += ref * (-grads) when ref_is_delta.
+  m.def("si_accumulate_(Tensor(a!)[] omega, Tensor[] params, Tensor[] ref, Tensor[] grads, bool ref_is_delta) -> ()");
+  // importance += clamp(omega / ((params - prev)^2 + epsilon), min=0); prev = params; omega = 0.
+  m.def("si_consolidate_(Tensor(a!)[] importance, Tensor(b!)[] prev, Tensor(c!)[] omega, Tensor[] params, float epsilon) -> ()");
+  // sum_i sum(importance_i * (params_i - prev_i)^2), a 0-dim tensor.
+  m.def("si_penalty(Tensor[] importance, Tensor[] prev, Tensor[] params) -> Tensor");
+  // grad_out * 2 * importance * (params - prev), one tensor per parameter.
+  m.def("si_penalty_backward(Tensor grad_out, Tensor[] importance, Tensor[] prev, Tensor[] params) -> Tensor[]");
+  // grads += scale * 2 * importance * (params - prev), without an autograd graph.
+  m.def("si_penalty_grad_(Tensor(a!)[] grads, Tensor[] importance, Tensor[] prev, Tensor[] params, float scale) -> ()");
+
+  // ---- Fused optimizer steps with SI accumulation (csrc/*/optim.*, clfast/reference/optim.py) ----
+  // torch.optim.SGD's update; when omega is non-empty also omega += (new - old) * (-grads).
+  m.def("sgd_si_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] omega, "
+        "float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool init_buffers) -> ()");
+  // torch.optim.Adam's update (bias corrections given by the caller); omega as above.
+  m.def("adam_si_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg, Tensor(c!)[] exp_avg_sq, "
+        "Tensor(d!)[] omega, float lr, float beta1, float beta2, float eps, float weight_decay, "
+        "float bias_correction1, float bias_correction2) -> ()");
+}
