@@ -11,7 +11,7 @@ from clfast import _ops, reference
 from clfast import si as csi
 from clfast.reference import si_hypnettorch as seed
 
-from conftest import device_params, needs_native
+from clfast.testing import device_params, needs_native
 
 SHAPES = {
     "mixed": [(7, 5), (13,), (3, 4, 5), (1,)],
