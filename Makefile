@@ -26,8 +26,9 @@ bench: build
 
 env: $(VENV)/.installed
 
+# The path holds the requirements' hash, so the stamp needs no timestamp check (a fresh clone reuses it).
 # System packages a bare Debian lacks: venv/ensurepip, Python headers, a C++ compiler.
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed:
 	@if ! $(PYTHON) -c 'import ensurepip, sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null \
 	    || ! command -v g++ >/dev/null; then \
 	  if [ -n "$(ROOT)" ]; then apt-get update -qq && apt-get install -y -qq python3-venv python3-dev g++ make; \
