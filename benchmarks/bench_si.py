@@ -58,7 +58,7 @@ def test_pre_post(benchmark, device, impl):
         sync(device)
 
     benchmark.group = f"si pre+post [{device}]"
-    benchmark.extra_info["baseline"] = f"test_pre_post[seed-{device}]"
+    benchmark.extra_info["baseline"] = f"test_pre_post[{device}-seed]"
     benchmark(run)
 
 
@@ -84,7 +84,7 @@ def test_step(benchmark, device, impl):
         sync(device)
 
     benchmark.group = f"SGD step + SI [{device}]"
-    benchmark.extra_info["baseline"] = f"test_step[seed-{device}]"
+    benchmark.extra_info["baseline"] = f"test_step[{device}-seed]"
     benchmark(run)
 
 

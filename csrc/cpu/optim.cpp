@@ -13,25 +13,26 @@ namespace {
 
 constexpr auto kCPU = c10::DeviceType::CPU;
 
-// Runs update(i, param, grad) -> new param over all chunks; accumulates SI's omega when `omega` is non-empty.
-template <typename scalar_t, typename Update>
-void fused_step(ContigList& p, const ContigList& g, ContigList& o, const Update& update) {
-  auto P = data_ptrs<scalar_t>(p.work), G = data_ptrs<scalar_t>(g.work);
-  auto O = o.empty() ? std::vector<scalar_t*>(p.size(), nullptr) : data_ptrs<scalar_t>(o.work);
-  for_each_chunk(numels(p.work), [&](int64_t t, int64_t b, int64_t e) {
-    scalar_t* __restrict__ pp = P[t];
-    scalar_t* __restrict__ om = O[t];
-    const scalar_t* __restrict__ gg = G[t];
-    if (om == nullptr) {
-      for (int64_t i = b; i < e; ++i) pp[i] = update(t, i, pp[i], gg[i]);
-    } else {
-      for (int64_t i = b; i < e; ++i) {
-        const scalar_t old = pp[i], now = update(t, i, old, gg[i]);
-        pp[i] = now;
-        om[i] = si_accumulate(om[i], now - old, gg[i]);
-      }
+// One chunk of a fused step: p[i] = update(i, p[i], g[i]) and, with SI, omega += (new - old) * (-g). The
+// update keeps optimizer state in locals and stores it itself, so the loop has no aliasing the compiler must
+// assume and vectorises.
+template <typename T, typename Update>
+inline void step_chunk(int64_t b, int64_t e, T* __restrict__ p, const T* __restrict__ g, T* __restrict__ om,
+                       const Update& update) {
+  if (om == nullptr) {
+    for (int64_t i = b; i < e; ++i) p[i] = update(i, p[i], g[i]);
+  } else {
+    for (int64_t i = b; i < e; ++i) {
+      const T old = p[i], grad = g[i], now = update(i, old, grad);
+      p[i] = now;
+      om[i] = si_accumulate(om[i], now - old, grad);
     }
-  });
+  }
+}
+
+template <typename T>
+std::vector<T*> optional_ptrs(const ContigList& l, size_t n) {
+  return l.empty() ? std::vector<T*>(n, nullptr) : data_ptrs<T>(l.work);
 }
 
 void sgd_si_step_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, at::TensorList omega,
@@ -50,9 +51,20 @@ void sgd_si_step_(at::TensorList params, at::TensorList grads, at::TensorList mo
                                static_cast<scalar_t>(1 - dampening), static_cast<scalar_t>(weight_decay),
                                momentum != 0,                       nesterov,
                                init_buffers,                        weight_decay != 0};
-    auto B = h.use_momentum ? data_ptrs<scalar_t>(buf.work) : std::vector<scalar_t*>(p.size(), nullptr);
-    fused_step<scalar_t>(p, g, o, [&](int64_t t, int64_t i, scalar_t param, scalar_t grad) {
-      return sgd_update(param, grad, h.use_momentum ? B[t] + i : nullptr, h);
+    auto P = data_ptrs<scalar_t>(p.work), G = data_ptrs<scalar_t>(g.work);
+    auto B = optional_ptrs<scalar_t>(buf, p.size()), O = optional_ptrs<scalar_t>(o, p.size());
+    for_each_chunk(numels(p.work), [&, h](int64_t t, int64_t b, int64_t e) {  // h by value: no aliasing
+      scalar_t* __restrict__ bb = B[t];
+      if (bb == nullptr) {
+        step_chunk(b, e, P[t], G[t], O[t], [&](int64_t, scalar_t x, scalar_t d) { return sgd_update(x, d, static_cast<scalar_t*>(nullptr), h); });
+      } else {
+        step_chunk(b, e, P[t], G[t], O[t], [&](int64_t i, scalar_t x, scalar_t d) {
+          scalar_t m = bb[i];
+          const scalar_t now = sgd_update(x, d, &m, h);
+          bb[i] = m;
+          return now;
+        });
+      }
     });
   });
   p.finish();
@@ -80,9 +92,18 @@ void adam_si_step_(at::TensorList params, at::TensorList grads, at::TensorList e
                                 static_cast<scalar_t>(-(lr / bias_correction1)),
                                 static_cast<scalar_t>(std::sqrt(bias_correction2)),
                                 weight_decay != 0};
-    auto M = data_ptrs<scalar_t>(m.work), V = data_ptrs<scalar_t>(v.work);
-    fused_step<scalar_t>(p, g, o, [&](int64_t t, int64_t i, scalar_t param, scalar_t grad) {
-      return adam_update(param, grad, M[t] + i, V[t] + i, h);
+    auto P = data_ptrs<scalar_t>(p.work), G = data_ptrs<scalar_t>(g.work), M = data_ptrs<scalar_t>(m.work),
+         V = data_ptrs<scalar_t>(v.work);
+    auto O = optional_ptrs<scalar_t>(o, p.size());
+    for_each_chunk(numels(p.work), [&, h](int64_t t, int64_t b, int64_t e) {  // h by value: no aliasing
+      scalar_t *__restrict__ mm = M[t], *__restrict__ vv = V[t];
+      step_chunk(b, e, P[t], G[t], O[t], [&](int64_t i, scalar_t x, scalar_t d) {
+        scalar_t m1 = mm[i], v1 = vv[i];
+        const scalar_t now = adam_update(x, d, &m1, &v1, h);
+        mm[i] = m1;
+        vv[i] = v1;
+        return now;
+      });
     });
   });
   p.finish();

@@ -40,7 +40,7 @@ void si_consolidate_(at::TensorList importance, at::TensorList prev, at::TensorL
     auto I = data_ptrs<scalar_t>(imp.work), V = data_ptrs<scalar_t>(pr.work), O = data_ptrs<scalar_t>(o.work),
          P = data_ptrs<scalar_t>(p.work);
     const scalar_t eps = static_cast<scalar_t>(epsilon);
-    for_each_chunk(numels(p.work), [&](int64_t t, int64_t b, int64_t e) {
+    for_each_chunk(numels(p.work), [&, eps](int64_t t, int64_t b, int64_t e) {
       scalar_t *__restrict__ im = I[t], *__restrict__ pv = V[t], *__restrict__ om = O[t];
       const scalar_t* __restrict__ pp = P[t];
       for (int64_t i = b; i < e; ++i) {
@@ -83,7 +83,7 @@ void penalty_grad(const std::vector<at::Tensor>& out, const ContigList& imp, con
     auto D = data_ptrs<scalar_t>(out), I = data_ptrs<scalar_t>(imp.work), V = data_ptrs<scalar_t>(pr.work),
          P = data_ptrs<scalar_t>(p.work);
     const scalar_t s = static_cast<scalar_t>(scale);
-    for_each_chunk(numels(p.work), [&](int64_t t, int64_t b, int64_t e) {
+    for_each_chunk(numels(p.work), [&, s](int64_t t, int64_t b, int64_t e) {
       scalar_t* __restrict__ d = D[t];
       const scalar_t *__restrict__ im = I[t], *__restrict__ pv = V[t], *__restrict__ pp = P[t];
       if (accumulate) {
