@@ -18,7 +18,7 @@ from clfast.reference import si_hypnettorch as seed
 
 from clfast.testing import device_params, sync
 
-pytestmark = pytest.mark.benchmark(min_rounds=5, warmup=True, warmup_iterations=2)
+pytestmark = pytest.mark.benchmark(min_rounds=20, max_time=2.0, warmup=True, warmup_iterations=3)
 
 SIZES = (784, 2000, 2000, 2000, 10)
 
