@@ -8,5 +8,6 @@ from ._ops import backend, native_available, set_backend
 from ._version import __version__
 from . import optim, si
 from .si import SI
+from .cbp import CBP
 
-__all__ = ["__version__", "backend", "set_backend", "native_available", "si", "SI", "optim"]
+__all__ = ["__version__", "backend", "set_backend", "native_available", "si", "SI", "optim", "CBP"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -134,6 +134,24 @@ def adam_si_step_(
                              float(eps), float(weight_decay), float(bias_correction1), float(bias_correction2))
 
 
+# ---- CBP -----------------------------------------------------------------------------------------------------
+
+
+def cbp_update_(utility: List[Tensor], mean: List[Tensor], age: List[Tensor], features: List[Tensor],
+                w_next: List[Tensor], w_cur: List[Tensor], decay: float, utility_type: int) -> None:
+    """Per layer and unit: age, running activation mean and utility EMA (see csrc/ops.cpp)."""
+    if utility:
+        _op("cbp_update_")(utility, mean, age, features, w_next, w_cur, float(decay), int(utility_type))
+
+
+def cbp_replace_(w_cur: Tensor, b_cur: Optional[Tensor], w_next: Tensor, b_next: Optional[Tensor],
+                 utility: Tensor, mean: Tensor, age: Tensor, new_weights: Tensor, decay: float,
+                 maturity_threshold: int) -> Tensor:
+    """Selects and replaces ``new_weights.shape[0]`` units of one layer; returns their indices (csrc/ops.cpp)."""
+    return _op("cbp_replace_")(w_cur, b_cur, w_next, b_next, utility, mean, age, new_weights, float(decay),
+                               int(maturity_threshold))
+
+
 # ---- fake (meta) kernels and autograd for the native ops --------------------------------------------------------
 
 if native_available():
@@ -165,6 +183,14 @@ if native_available():
     @torch.library.register_fake("clfast::adam_si_step_")
     def _(params, grads, exp_avg, exp_avg_sq, omega, lr, beta1, beta2, eps, weight_decay, bc1, bc2):
         return None
+
+    @torch.library.register_fake("clfast::cbp_update_")
+    def _(utility, mean, age, features, w_next, w_cur, decay, utility_type):
+        return None
+
+    @torch.library.register_fake("clfast::cbp_replace_")
+    def _(w_cur, b_cur, w_next, b_next, utility, mean, age, new_weights, decay, maturity_threshold):
+        return utility.new_empty((new_weights.shape[0],), dtype=torch.long)
 
     def _si_penalty_setup(ctx, inputs, output):
         ctx.importance, ctx.prev, ctx.params = inputs

@@ -29,4 +29,18 @@ TORCH_LIBRARY(clfast, m) {
   m.def("adam_si_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg, Tensor(c!)[] exp_avg_sq, "
         "Tensor(d!)[] omega, float lr, float beta1, float beta2, float eps, float weight_decay, "
         "float bias_correction1, float bias_correction2) -> ()");
+
+  // ---- Continual Backpropagation (csrc/*/cbp.*, clfast/reference/cbp.py) ----
+  // Per layer l, unit i: age += 1; mean = d*mean + (1-d)*avg(h); utility = d*utility + (1-d)*new, with new from
+  // utility_type (0 contribution, 1 zero_contribution, 2 adaptable_contribution). features [B, n, ...];
+  // w_next [rows, n * group] (Linear / Conv2d / flattened Conv2d); w_cur [n, fan_in].
+  m.def("cbp_update_(Tensor(a!)[] utility, Tensor(b!)[] mean, Tensor(c!)[] age, Tensor[] features, "
+        "Tensor[] w_next, Tensor[] w_cur, float decay, int utility_type) -> ()");
+  // Replaces k = new_weights.size(0) units of one layer: the k lowest bias-corrected utilities
+  // utility / (1 - decay^age) among units with age > maturity_threshold (ties: lower index first; ineligible units
+  // rank last). For each chosen i: b_next += W_next[:, i] . m_hat_i; W_next[:, i] = 0; W_cur[i] = new_weights[j];
+  // b_cur[i] = 0; utility, mean, age of i = 0. Returns the chosen indices [k] (int64, in rank order).
+  m.def("cbp_replace_(Tensor(a!) w_cur, Tensor(b!)? b_cur, Tensor(c!) w_next, Tensor(d!)? b_next, "
+        "Tensor(e!) utility, Tensor(f!) mean, Tensor(g!) age, Tensor new_weights, float decay, "
+        "int maturity_threshold) -> Tensor");
 }

@@ -16,3 +16,6 @@ __all__ = [
     "sgd_si_step_",
     "adam_si_step_",
 ]
+from .cbp import cbp_replace_, cbp_update_  # noqa: E402
+
+__all__ += ["cbp_update_", "cbp_replace_"]

@@ -27,6 +27,12 @@ struct TensorListMeta {
   int64_t block_base;                      // index of this launch's first block among all launches
 };
 
+static_assert(max_tensors(1) <= 255, "block_tensor is an unsigned char");
+static_assert(sizeof(TensorListMeta<1>) < 4000 && sizeof(TensorListMeta<2>) < 4000 &&
+                  sizeof(TensorListMeta<3>) < 4000 && sizeof(TensorListMeta<4>) < 4000 &&
+                  sizeof(TensorListMeta<5>) < 4000,
+              "kernel arguments must stay under 4 KB");
+
 template <int N, typename Functor, typename... Args>
 __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(TensorListMeta<N> meta, Functor f, Args... args) {
   const int t = meta.block_tensor[blockIdx.x];
@@ -84,11 +90,12 @@ void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, Funct
   if (blocks > 0) launch();
 }
 
-// Sum of a double over the block, valid in thread 0.
+// Sum of a double over the block, valid in thread 0. Every thread of the block must call it.
 __device__ inline double block_sum(double v) {
   __shared__ double warp_sums[kThreads / 32];
   for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  __syncthreads();  // a previous call's readers are done with warp_sums
   if (lane == 0) warp_sums[warp] = v;
   __syncthreads();
   v = threadIdx.x < kThreads / 32 ? warp_sums[threadIdx.x] : 0.0;

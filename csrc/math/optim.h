@@ -1,5 +1,6 @@
 // Element-wise optimizer math shared by the CPU and CUDA kernels, in the operation order of
-// torch.optim.SGD / Adam's single-tensor code paths, so parameters match torch's within rounding.
+// torch.optim.SGD / Adam's single-tensor code paths, so parameters match torch's within rounding (nvcc may
+// contract products into FMAs).
 #pragma once
 #include <c10/macros/Macros.h>
 

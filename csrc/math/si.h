@@ -1,5 +1,6 @@
 // Element-wise SI math shared by the CPU and CUDA kernels, written in the same operation order as the
-// seed's torch expressions so float32 results round identically (on the CPU, where nothing is contracted).
+// seed's torch expressions: on the CPU float32 results round identically; nvcc contracts some products into
+// FMAs, so CUDA results agree within float rounding.
 #pragma once
 #include <c10/macros/Macros.h>
 
