@@ -152,6 +152,14 @@ def cbp_replace_(w_cur: Tensor, b_cur: Optional[Tensor], w_next: Tensor, b_next:
                                int(maturity_threshold))
 
 
+# ---- reservoir buffer ------------------------------------------------------------------------------------------
+
+
+def reservoir_add_(storage: List[Tensor], batch: List[Tensor], draws: Tensor, num_seen: int) -> None:
+    """Algorithm R for a whole batch into preallocated storage (see csrc/ops.cpp)."""
+    _op("reservoir_add_")(storage, batch, draws, int(num_seen))
+
+
 # ---- fake (meta) kernels and autograd for the native ops --------------------------------------------------------
 
 if native_available():
@@ -191,6 +199,10 @@ if native_available():
     @torch.library.register_fake("clfast::cbp_replace_")
     def _(w_cur, b_cur, w_next, b_next, utility, mean, age, new_weights, decay, maturity_threshold):
         return utility.new_empty((new_weights.shape[0],), dtype=torch.long)
+
+    @torch.library.register_fake("clfast::reservoir_add_")
+    def _(storage, batch, draws, num_seen):
+        return None
 
     def _si_penalty_setup(ctx, inputs, output):
         ctx.importance, ctx.prev, ctx.params = inputs

@@ -204,7 +204,8 @@ class CBP:
             hint = ("run a training-mode forward pass before each step" if activations is None
                     else f"expected keys {self.layer_names}")
             raise RuntimeError(f"CBP.step: no activations for layer(s) {missing}; {hint}")
-        feats = [source[L.name].detach() for L in self._layers]
+        dtype = self.utilities[0].dtype  # activations under autocast come in half precision
+        feats = [source[L.name].detach().to(dtype) for L in self._layers]
         _ops.cbp_update_(self.utilities, self.means, self.ages, feats, [L.next.weight.detach() for L in self._layers],
                          [L.layer.weight.detach() for L in self._layers], self.utility_decay_rate,
                          UTILITIES.index(self.utility))
@@ -214,6 +215,9 @@ class CBP:
             count = self._count(L)
             if count:
                 self._replace(k, L, count)
+                L.accumulated -= count  # bookkept only once the replacement went through
+                L.recent.append((self.steps, count))
+                L.replaced += count
 
     def _count(self, L: _Layer) -> int:
         """Units to replace now: eligible units are those not replaced in the last maturity_threshold steps."""
@@ -226,12 +230,7 @@ class CBP:
         if eligible <= 0:
             return 0
         L.accumulated += self.replacement_rate * eligible
-        count = min(int(L.accumulated), eligible)
-        L.accumulated -= count
-        if count:
-            L.recent.append((t, count))
-            L.replaced += count
-        return count
+        return min(int(L.accumulated), eligible)
 
     def _replace(self, k: int, L: _Layer, count: int) -> None:
         u, m, a = self.utilities[k], self.means[k], self.ages[k]
@@ -242,8 +241,9 @@ class CBP:
         index = _ops.cbp_replace_(w.detach(), bias(L.layer), L.next.weight.detach(), bias(L.next), u, m, a, new,
                                   self.utility_decay_rate, self.maturity_threshold)
         if L.norm is not None:
-            if L.norm.weight is not None:
+            if getattr(L.norm, "weight", None) is not None:
                 L.norm.weight.detach().index_fill_(0, index, 1.0)
+            if getattr(L.norm, "bias", None) is not None:
                 L.norm.bias.detach().index_fill_(0, index, 0.0)
             if getattr(L.norm, "running_mean", None) is not None:
                 L.norm.running_mean.index_fill_(0, index, 0.0)
@@ -254,8 +254,8 @@ class CBP:
     def _reset_optimizer(self, L: _Layer, index: Tensor) -> None:
         units = L.units
         targets = [(L.layer.weight, 0), (getattr(L.layer, "bias", None), 0), (L.next.weight, 1)]
-        if L.norm is not None and L.norm.weight is not None:
-            targets += [(L.norm.weight, 0), (L.norm.bias, 0)]
+        if L.norm is not None:
+            targets += [(getattr(L.norm, "weight", None), 0), (getattr(L.norm, "bias", None), 0)]
         for p, dim in targets:
             state = self.optimizer.state.get(p) if p is not None else None
             for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):

@@ -111,7 +111,9 @@ inline std::vector<CbpLayer> check_cbp_update(const char* op, c10::DeviceType dt
   for (size_t l = 0; l < L; ++l) {
     const std::string at = "[" + std::to_string(l) + "]";
     const at::Tensor& ref = w_cur[l];
-    check_same(op, ref, ref, "w_cur" + at, dt);
+    check_same(op, w_cur[0], ref, "w_cur" + at, dt);  // one dtype and device for all layers
+    TORCH_CHECK(ref.dim() >= 2 && ref.size(0) > 0, "clfast.", op, ": w_cur", at,
+                " must be a Linear or Conv2d weight with at least one unit, got shape ", ref.sizes());
     const int64_t n = ref.size(0);
     check_state(op, ref, utility[l], "utility" + at, n, dt);
     check_state(op, ref, mean[l], "mean" + at, n, dt);
@@ -119,8 +121,8 @@ inline std::vector<CbpLayer> check_cbp_update(const char* op, c10::DeviceType dt
     check_same(op, ref, features[l], "features" + at, dt);
     check_same(op, ref, w_next[l], "w_next" + at, dt);
     const at::Tensor& h = features[l];
-    TORCH_CHECK(h.dim() >= 2 && h.size(1) == n && h.size(0) > 0, "clfast.", op, ": features", at,
-                " must be [batch > 0, ", n, ", ...] (the layer's ", n, " units), got shape ", h.sizes());
+    TORCH_CHECK(h.dim() >= 2 && h.size(1) == n && h.size(0) > 0 && h.numel() > 0, "clfast.", op, ": features", at,
+                " must be [batch > 0, ", n, ", ...] (the layer's ", n, " units, non-empty), got shape ", h.sizes());
     out.push_back({h.size(0), n, h.numel() / (h.size(0) * n), cbp_group(op, w_next[l], n, "w_next" + at)});
   }
   return out;
@@ -135,8 +137,8 @@ inline CbpReplace check_cbp_replace(const char* op, c10::DeviceType dt, const at
                                   const std::optional<at::Tensor>& b_next, const at::Tensor& utility,
                                   const at::Tensor& mean, const at::Tensor& age, const at::Tensor& new_weights) {
   check_same(op, w_cur, w_cur, "w_cur", dt);
-  TORCH_CHECK(w_cur.dim() >= 2 && w_cur.is_contiguous(), "clfast.", op,
-              ": w_cur must be a contiguous Linear or Conv2d weight, got shape ", w_cur.sizes());
+  TORCH_CHECK(w_cur.dim() >= 2 && w_cur.size(0) > 0 && w_cur.numel() > 0 && w_cur.is_contiguous(), "clfast.", op,
+              ": w_cur must be a contiguous, non-empty Linear or Conv2d weight, got shape ", w_cur.sizes());
   const int64_t n = w_cur.size(0), fan_in = w_cur.numel() / n;
   if (b_cur.has_value()) check_state(op, w_cur, *b_cur, "b_cur", n, dt);
   check_same(op, w_cur, w_next, "w_next", dt);
@@ -151,6 +153,37 @@ inline CbpReplace check_cbp_replace(const char* op, c10::DeviceType dt, const at
               ": new_weights must be [k <= ", n, ", ", fan_in, "] (one row per replaced unit), got ",
               new_weights.sizes());
   return {n, fan_in, group};
+}
+
+// ---- reservoir buffer ---------------------------------------------------------------------------------------
+
+// storage[f] is [capacity, *batch[f].shape[1:]] with batch[f]'s dtype, all contiguous storage on one device of
+// type dt; draws [B] float64. Returns the capacity.
+inline int64_t check_reservoir(const char* op, c10::DeviceType dt, at::TensorList storage, at::TensorList batch,
+                               const at::Tensor& draws, int64_t num_seen) {
+  TORCH_CHECK(!storage.empty() && storage.size() == batch.size(), "clfast.", op,
+              ": expected one batch tensor per storage field, got ", batch.size(), " for ", storage.size());
+  TORCH_CHECK(num_seen >= 0, "clfast.", op, ": num_seen must be >= 0, got ", num_seen);
+  const int64_t capacity = storage[0].dim() > 0 ? storage[0].size(0) : 0;
+  const int64_t B = batch[0].dim() > 0 ? batch[0].size(0) : -1;
+  TORCH_CHECK(capacity > 0, "clfast.", op, ": storage must have a leading capacity dimension > 0");
+  for (size_t f = 0; f < storage.size(); ++f) {
+    const at::Tensor &s = storage[f], &b = batch[f];
+    TORCH_CHECK(s.device().type() == dt && s.device() == storage[0].device() && s.is_contiguous(), "clfast.", op,
+                ": storage[", f, "] must be contiguous on ", storage[0].device(), ", got ", s.device());
+    TORCH_CHECK(b.device() == s.device(), "clfast.", op, ": batch[", f, "] is on ", b.device(), " but the buffer is on ",
+                s.device());
+    TORCH_CHECK(s.dim() >= 1 && s.size(0) == capacity && b.dim() == s.dim() && b.size(0) == B &&
+                    b.sizes().slice(1) == s.sizes().slice(1),
+                "clfast.", op, ": batch[", f, "] has shape ", b.sizes(), " but the buffer holds items of shape ",
+                s.sizes().slice(1), " (and every field needs the same batch size ", B, ")");
+    TORCH_CHECK(b.scalar_type() == s.scalar_type(), "clfast.", op, ": batch[", f, "] is ", b.scalar_type(),
+                " but the buffer stores ", s.scalar_type());
+  }
+  TORCH_CHECK(draws.scalar_type() == at::kDouble && draws.dim() == 1 && draws.size(0) == B &&
+                  draws.device() == storage[0].device(),
+              "clfast.", op, ": draws must be a float64 vector of ", B, " values on ", storage[0].device());
+  return capacity;
 }
 
 }  // namespace clfast

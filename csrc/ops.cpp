@@ -43,4 +43,10 @@ TORCH_LIBRARY(clfast, m) {
   m.def("cbp_replace_(Tensor(a!) w_cur, Tensor(b!)? b_cur, Tensor(c!) w_next, Tensor(d!)? b_next, "
         "Tensor(e!) utility, Tensor(f!) mean, Tensor(g!) age, Tensor new_weights, float decay, "
         "int maturity_threshold) -> Tensor");
+
+  // ---- Reservoir replay buffer (csrc/*/buffer.*, clfast/reference/buffer.py) ----
+  // Algorithm R for a whole batch: item j (global index m = num_seen + j) goes to slot m while m < capacity, else
+  // to slot floor(draws[j] * (m + 1)) when that is < capacity; a later item wins a slot taken twice in the batch.
+  // storage[f] [capacity, ...] and batch[f] [B, ...] per field f (any dtype); draws [B] float64 in [0, 1).
+  m.def("reservoir_add_(Tensor(a!)[] storage, Tensor[] batch, Tensor draws, int num_seen) -> ()");
 }

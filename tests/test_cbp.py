@@ -86,6 +86,17 @@ def test_selection_takes_the_lowest_mature_utilities(backend):
     chosen = clfast._ops.cbp_replace_(w_cur, None, w_next, None, utility, torch.zeros(n), age, torch.zeros(3, 3),
                                       0.9, 10)
     assert chosen.tolist() == [6, 8, 2]
+    utility = torch.tensor([5.0, 1.0, 0.5, 9.0, 0.1, 2.0, float("nan"), 7.0, 0.3, 4.0])  # unit 6 diverged
+    age = torch.tensor([50.0, 50.0, 50.0, 50.0, 2.0, 50.0, 50.0, 50.0, 50.0, 50.0])
+    chosen = clfast._ops.cbp_replace_(w_cur, None, w_next, None, utility, torch.zeros(n), age, torch.zeros(3, 3),
+                                      0.9, 10)  # NaN ranks last, on every backend
+    assert chosen.tolist() == [8, 2, 1]
+
+
+def test_empty_layers_are_rejected(backend):
+    with pytest.raises(RuntimeError, match="non-empty|at least one unit"):
+        clfast._ops.cbp_update_([torch.zeros(4)], [torch.zeros(4)], [torch.zeros(4)], [torch.zeros(3, 4, 0)],
+                                [torch.zeros(2, 4)], [torch.zeros(4, 3)], 0.9, 0)
 
 
 def test_bias_correction_keeps_the_next_layers_mean_output(backend):

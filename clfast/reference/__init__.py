@@ -19,3 +19,6 @@ __all__ = [
 from .cbp import cbp_replace_, cbp_update_  # noqa: E402
 
 __all__ += ["cbp_update_", "cbp_replace_"]
+from .buffer import reservoir_add_  # noqa: E402
+
+__all__ += ["reservoir_add_"]

@@ -2,6 +2,7 @@
 2024) and the authors' GnT: the oracle for the native kernels and the fallback without them."""
 from __future__ import annotations
 
+import math
 from typing import List, Optional
 
 import torch
@@ -27,9 +28,12 @@ def cbp_update_(utility: List[Tensor], mean: List[Tensor], age: List[Tensor], fe
         raise RuntimeError(f"clfast.cbp_update_: unknown utility type {utility_type}")
     for l, (u, m, a, h, wn, wc) in enumerate(zip(utility, mean, age, features, w_next, w_cur)):
         n = wc.shape[0]
-        if h.dim() < 2 or h.shape[1] != n or h.shape[0] == 0:
+        if wc.dim() < 2 or n == 0:
+            raise RuntimeError(f"clfast.cbp_update_: w_cur[{l}] must be a Linear or Conv2d weight with at least one "
+                               f"unit, got shape {list(wc.shape)}")
+        if h.dim() < 2 or h.shape[1] != n or h.shape[0] == 0 or h.numel() == 0:
             raise RuntimeError(f"clfast.cbp_update_: features[{l}] must be [batch > 0, {n}, ...] (the layer's {n} "
-                               f"units), got shape {list(h.shape)}")
+                               f"units, non-empty), got shape {list(h.shape)}")
         group = _check_chain("cbp_update_", wn, n, f"w_next[{l}]")
         h = h.reshape(h.shape[0], n, -1)  # [B, n, S]
         a += 1
@@ -59,6 +63,7 @@ def cbp_replace_(w_cur: Tensor, b_cur: Optional[Tensor], w_next: Tensor, b_next:
     # lowest bias-corrected utility among mature units; stable sort: ties by index, immature units last
     mature = age > maturity_threshold
     score = torch.where(mature, utility / (1 - decay ** age), torch.zeros_like(utility))
+    score = torch.nan_to_num(score, nan=math.inf)  # NaN ranks last
     by_score = torch.sort(score, stable=True).indices
     index = by_score[torch.sort((~mature[by_score]).to(torch.uint8), stable=True).indices][:k]
     if k == 0:

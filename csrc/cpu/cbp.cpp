@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -111,7 +112,8 @@ std::vector<int64_t> select_units(const T* u, const T* age, int64_t n, int64_t k
   std::vector<std::pair<bool, T>> key(n);
   for (int64_t i = 0; i < n; ++i) {
     const bool mature = static_cast<double>(age[i]) > maturity;
-    key[i] = {!mature, mature ? u[i] / (T(1) - std::pow(eta, age[i])) : T(0)};
+    const T score = mature ? u[i] / (T(1) - std::pow(eta, age[i])) : T(0);
+    key[i] = {!mature, std::isnan(score) ? std::numeric_limits<T>::infinity() : score};  // NaN ranks last
   }
   std::vector<int64_t> order(n);
   for (int64_t i = 0; i < n; ++i) order[i] = i;

@@ -126,7 +126,8 @@ __global__ void __launch_bounds__(kThreads) select_units(const T* utility, const
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
       if (taken[i]) continue;
       const bool immature = !(static_cast<double>(age[i]) > maturity);
-      const T score = immature ? T(0) : utility[i] / (T(1) - pow(eta, age[i]));
+      T score = immature ? T(0) : utility[i] / (T(1) - pow(eta, age[i]));
+      if (isnan(score)) score = INFINITY;  // NaN ranks last, as on the CPU
       if (best < 0 || immature < best_immature || (immature == best_immature && score < best_score)) {
         best_immature = immature, best_score = score, best = i;  // i grows: ties keep the lower index
       }
@@ -147,7 +148,7 @@ __global__ void __launch_bounds__(kThreads) select_units(const T* utility, const
     }
     if (threadIdx.x == 0) {
       index[j] = s_idx[0];
-      taken[s_idx[0]] = 1;
+      if (s_idx[0] >= 0) taken[s_idx[0]] = 1;
     }
     __syncthreads();
   }

@@ -1,0 +1,134 @@
+"""Reservoir replay buffers: :class:`ReservoirBuffer` keeps its items as preallocated tensors on a device and
+adds a whole batch with one op; :class:`DataBuffer` is the seed notebook's interface on top of it."""
+from __future__ import annotations
+
+import random
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _ops
+
+__all__ = ["ReservoirBuffer", "DataBuffer"]
+
+
+class ReservoirBuffer:
+    """Exact reservoir sampling (Vitter's Algorithm R) of a stream of batches into ``capacity`` slots.
+
+    Every item of a stream of N has the same chance ``capacity / N`` to be in the buffer. Adding a batch gives
+    the same buffer as adding its items one by one with the same random draws (a later item of the batch wins a
+    slot drawn twice), in one op and, on CUDA, with no host synchronisation.
+
+    Args:
+        capacity: number of items kept.
+        device: where the storage lives (default: the device of the first batch).
+        generator: ``torch.Generator`` on that device, for reproducible draws.
+
+    Storage is allocated from the first batch: one tensor ``[capacity, *item_shape]`` per field (``x``, ``y``,
+    then any extras such as logits or task ids), each with that field's dtype.
+    """
+
+    def __init__(self, capacity: int, device: Optional[torch.device | str] = None,
+                 generator: Optional[torch.Generator] = None) -> None:
+        if int(capacity) != capacity or capacity < 1:
+            raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
+        self.capacity = int(capacity)
+        self.device = torch.device(device) if device is not None else None
+        self.generator = generator
+        self.storage: List[Tensor] = []
+        self.num_seen = 0
+
+    def __len__(self) -> int:
+        return min(self.num_seen, self.capacity)
+
+    def add(self, x: Tensor, y: Optional[Tensor] = None, *extras: Tensor) -> None:
+        """Offer a batch: ``x [B, ...]``, ``y [B, ...]`` and extras ``[B, ...]``. Mismatched shapes or dtypes
+        raise ``ValueError`` and leave the buffer unchanged."""
+        fields = [x] + ([y] if y is not None else []) + list(extras)
+        if not all(isinstance(t, Tensor) for t in fields):
+            raise TypeError("ReservoirBuffer.add expects tensors")
+        B = fields[0].shape[0] if fields[0].dim() else None
+        if B is None or any(t.dim() == 0 or t.shape[0] != B for t in fields):
+            raise ValueError("ReservoirBuffer.add: every field needs the same leading batch dimension, got shapes "
+                             f"{[list(t.shape) for t in fields]}")
+        device = self.device or fields[0].device
+        if self.storage:
+            if len(fields) != len(self.storage):
+                raise ValueError(f"ReservoirBuffer.add: the buffer stores {len(self.storage)} fields, got "
+                                 f"{len(fields)}")
+            for f, (t, s) in enumerate(zip(fields, self.storage)):
+                if t.shape[1:] != s.shape[1:] or t.dtype != s.dtype:
+                    raise ValueError(f"ReservoirBuffer.add: field {f} is {t.dtype} {list(t.shape[1:])} per item but "
+                                     f"the buffer stores {s.dtype} {list(s.shape[1:])}")
+        if B == 0:
+            return
+        batch = [t.detach().to(device) for t in fields]
+        if not self.storage:
+            self.storage = [torch.empty((self.capacity, *t.shape[1:]), dtype=t.dtype, device=device) for t in batch]
+        draws = torch.rand(B, dtype=torch.float64, device=device, generator=self.generator)
+        _ops.reservoir_add_(self.storage, batch, draws, self.num_seen)
+        self.num_seen += B
+
+    def sample(self, n: int) -> Tuple[Tensor, ...]:
+        """``n`` items without replacement (all of them, shuffled, when fewer are stored), one tensor per field."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        if not self.storage:
+            raise RuntimeError("ReservoirBuffer.sample: the buffer is empty; add a batch first")
+        index = torch.randperm(len(self), device=self.storage[0].device, generator=self.generator)[:n]
+        return tuple(s.index_select(0, index) for s in self.storage)
+
+    def state_dict(self) -> dict:
+        return {"capacity": self.capacity, "num_seen": self.num_seen, "storage": list(self.storage),
+                "generator": self.generator.get_state() if self.generator is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load :meth:`state_dict` output (checked before anything changes)."""
+        storage = list(state["storage"])
+        if int(state["capacity"]) != self.capacity or any(s.shape[0] != self.capacity for s in storage):
+            raise ValueError(f"ReservoirBuffer.load_state_dict: capacity {state['capacity']} does not match "
+                             f"{self.capacity}")
+        if int(state["num_seen"]) < 0 or (state["num_seen"] and not storage):
+            raise ValueError("ReservoirBuffer.load_state_dict: inconsistent num_seen / storage")
+        device = self.device
+        self.storage = [s.to(device) if device is not None else s.clone() for s in storage]
+        self.num_seen = int(state["num_seen"])
+        if self.generator is not None and state.get("generator") is not None:
+            self.generator.set_state(state["generator"])
+
+
+class DataBuffer:
+    """The seed notebook's buffer interface (``update_buffer(pairs)``, ``sample(n)``) on a
+    :class:`ReservoirBuffer`, keeping its items on the CPU like the seed and drawing from Python's ``random``
+    only to seed the buffer's generator."""
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self._buffer = ReservoirBuffer(max_size, device="cpu",
+                                       generator=torch.Generator().manual_seed(random.getrandbits(62)))
+
+    @property
+    def num_seen_examples(self) -> int:
+        return self._buffer.num_seen
+
+    @property
+    def buffer(self) -> List[Tuple[Tensor, Tensor]]:
+        return list(zip(*(s[:len(self._buffer)] for s in self._buffer.storage))) if self._buffer.storage else []
+
+    def update_buffer(self, new_data: Sequence[Tuple[Tensor, Tensor]]) -> None:
+        """Add a list of ``(x, y)`` pairs, or an ``(x [B, ...], y [B])`` pair of batched tensors."""
+        if isinstance(new_data, tuple) and len(new_data) == 2 and all(isinstance(t, Tensor) for t in new_data) \
+                and new_data[0].dim() > 0 and new_data[1].dim() > 0 and len(new_data[0]) == len(new_data[1]) != 2:
+            x, y = new_data
+        else:
+            pairs = list(new_data)
+            if not pairs:
+                return
+            x, y = torch.stack([torch.as_tensor(p[0]) for p in pairs]), torch.stack([torch.as_tensor(p[1]) for p in pairs])
+        self._buffer.add(x, y)
+
+    def sample(self, n: int) -> Tuple[Tensor, Tensor]:
+        if not self._buffer.storage:
+            return torch.Tensor(), torch.Tensor()
+        return self._buffer.sample(n)
