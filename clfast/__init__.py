@@ -9,5 +9,7 @@ from ._version import __version__
 from . import optim, si
 from .si import SI
 from .cbp import CBP
+from .buffer import DataBuffer, ReservoirBuffer
 
-__all__ = ["__version__", "backend", "set_backend", "native_available", "si", "SI", "optim", "CBP"]
+__all__ = ["__version__", "backend", "set_backend", "native_available", "si", "SI", "optim", "CBP",
+           "ReservoirBuffer", "DataBuffer"]

@@ -117,16 +117,11 @@ class DataBuffer:
         return list(zip(*(s[:len(self._buffer)] for s in self._buffer.storage))) if self._buffer.storage else []
 
     def update_buffer(self, new_data: Sequence[Tuple[Tensor, Tensor]]) -> None:
-        """Add a list of ``(x, y)`` pairs, or an ``(x [B, ...], y [B])`` pair of batched tensors."""
-        if isinstance(new_data, tuple) and len(new_data) == 2 and all(isinstance(t, Tensor) for t in new_data) \
-                and new_data[0].dim() > 0 and new_data[1].dim() > 0 and len(new_data[0]) == len(new_data[1]) != 2:
-            x, y = new_data
-        else:
-            pairs = list(new_data)
-            if not pairs:
-                return
-            x, y = torch.stack([torch.as_tensor(p[0]) for p in pairs]), torch.stack([torch.as_tensor(p[1]) for p in pairs])
-        self._buffer.add(x, y)
+        """Add a list of ``(x, y)`` pairs (reservoir sampling, in one op for the whole list)."""
+        pairs = list(new_data)
+        if pairs:
+            self._buffer.add(torch.stack([torch.as_tensor(x) for x, _ in pairs]),
+                             torch.stack([torch.as_tensor(y) for _, y in pairs]))
 
     def sample(self, n: int) -> Tuple[Tensor, Tensor]:
         if not self._buffer.storage:

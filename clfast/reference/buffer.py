@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import random
 from typing import List
 
 import torch
@@ -52,3 +53,30 @@ def reservoir_add_one_by_one(storage: List[Tensor], batch: List[Tensor], draws: 
         if slot < capacity:
             for s, b in zip(storage, batch):
                 s[slot] = b[j]
+
+
+class ListDataBuffer:
+    """The seed notebook's DataBuffer as it is: a Python list of ``(x, y)`` pairs, one ``random.randint`` per
+    item; the baseline of the buffer benchmarks."""
+
+    def __init__(self, max_size: int) -> None:
+        self.buffer: list = []
+        self.max_size = max_size
+        self.num_seen_examples = 0
+
+    def update_buffer(self, new_data) -> None:
+        for x, y in new_data:
+            self.num_seen_examples += 1
+            if len(self.buffer) < self.max_size:
+                self.buffer.append((x, y))
+            else:
+                slot = random.randint(0, self.num_seen_examples - 1)
+                if slot < self.max_size:
+                    self.buffer[slot] = (x, y)
+
+    def sample(self, n: int):
+        items = self.buffer if len(self.buffer) < n else random.sample(self.buffer, n)
+        if not items:
+            return torch.Tensor(), torch.Tensor()
+        xs, ys = zip(*items)
+        return torch.stack(xs), torch.stack(ys)
