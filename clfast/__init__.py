@@ -10,6 +10,7 @@ from . import optim, si
 from .si import SI
 from .cbp import CBP
 from .buffer import DataBuffer, ReservoirBuffer
+from .ewc import EWC
 
 __all__ = ["__version__", "backend", "set_backend", "native_available", "si", "SI", "optim", "CBP",
-           "ReservoirBuffer", "DataBuffer"]
+           "ReservoirBuffer", "DataBuffer", "EWC"]

@@ -152,6 +152,20 @@ def cbp_replace_(w_cur: Tensor, b_cur: Optional[Tensor], w_next: Tensor, b_next:
                                int(maturity_threshold))
 
 
+# ---- EWC -----------------------------------------------------------------------------------------------------
+
+
+def kron_quadratic(a: Sequence[Tensor], g: Sequence[Tensor], v: Sequence[Tensor]) -> Tensor:
+    """``sum_i <g_i v_i a_i, v_i>`` for symmetric factors, differentiable in ``v``."""
+    return _op("kron_quadratic")(list(a), list(g), list(v))
+
+
+def kron_quadratic_backward(grad_out: Tensor, a: Sequence[Tensor], g: Sequence[Tensor],
+                            v: Sequence[Tensor]) -> List[Tensor]:
+    """``grad_out * 2 g_i v_i a_i`` per block."""
+    return _op("kron_quadratic_backward")(grad_out, list(a), list(g), list(v))
+
+
 # ---- reservoir buffer ------------------------------------------------------------------------------------------
 
 
@@ -212,3 +226,20 @@ if native_available():
         return [None] * len(grads), [None] * len(grads), grads
 
     torch.library.register_autograd("clfast::si_penalty", _si_penalty_backward, setup_context=_si_penalty_setup)
+
+    @torch.library.register_fake("clfast::kron_quadratic")
+    def _(a, g, v):
+        return v[0].new_empty(())
+
+    @torch.library.register_fake("clfast::kron_quadratic_backward")
+    def _(grad_out, a, g, v):
+        return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in v]
+
+    def _kron_setup(ctx, inputs, output):
+        ctx.a, ctx.g, ctx.v = inputs
+
+    def _kron_backward(ctx, grad):
+        grads = torch.ops.clfast.kron_quadratic_backward(grad, ctx.a, ctx.g, ctx.v)
+        return [None] * len(grads), [None] * len(grads), grads
+
+    torch.library.register_autograd("clfast::kron_quadratic", _kron_backward, setup_context=_kron_setup)

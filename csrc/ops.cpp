@@ -49,4 +49,10 @@ TORCH_LIBRARY(clfast, m) {
   // to slot floor(draws[j] * (m + 1)) when that is < capacity; a later item wins a slot taken twice in the batch.
   // storage[f] [capacity, ...] and batch[f] [B, ...] per field f (any dtype); draws [B] float64 in [0, 1).
   m.def("reservoir_add_(Tensor(a!)[] storage, Tensor[] batch, Tensor draws, int num_seen) -> ()");
+
+  // ---- EWC quadratic forms (csrc/ewc.cpp, clfast/reference/ewc.py) ----
+  // sum_i <g_i v_i a_i, v_i> for symmetric factors: KFAC blocks (g [out, out], v [out, in(+1)], a [in(+1), in(+1)])
+  // and dense Fishers (g = F, v = delta [P, 1], a = [[1]]).
+  m.def("kron_quadratic(Tensor[] a, Tensor[] g, Tensor[] v) -> Tensor");
+  m.def("kron_quadratic_backward(Tensor grad_out, Tensor[] a, Tensor[] g, Tensor[] v) -> Tensor[]");
 }

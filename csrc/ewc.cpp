@@ -1,0 +1,55 @@
+// Kronecker-factored quadratic forms for EWC (KFAC blocks, and dense Fishers as 1x1-factored blocks). The
+// work is GEMMs, so one device-agnostic implementation on ATen's matmul serves CPU (BLAS) and CUDA (cuBLAS):
+// it is registered as CompositeExplicitAutograd, with its fused backward registered in clfast/_ops.py.
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace clfast {
+namespace {
+
+void check_blocks(const char* op, at::TensorList a, at::TensorList g, at::TensorList v) {
+  TORCH_CHECK(!v.empty(), "clfast.", op, ": expected at least one block");
+  TORCH_CHECK(a.size() == v.size() && g.size() == v.size(), "clfast.", op,
+              ": a, g and v must list the same blocks, got ", a.size(), ", ", g.size(), " and ", v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    TORCH_CHECK(v[i].dim() == 2 && a[i].dim() == 2 && g[i].dim() == 2 && a[i].size(0) == a[i].size(1) &&
+                    g[i].size(0) == g[i].size(1) && g[i].size(0) == v[i].size(0) && a[i].size(0) == v[i].size(1),
+                "clfast.", op, ": block ", i, " needs g [n, n], v [n, m], a [m, m]; got g ", g[i].sizes(), ", v ",
+                v[i].sizes(), ", a ", a[i].sizes());
+    TORCH_CHECK(v[i].scalar_type() == v[0].scalar_type() && a[i].scalar_type() == v[0].scalar_type() &&
+                    g[i].scalar_type() == v[0].scalar_type() &&
+                    (v[0].scalar_type() == at::kFloat || v[0].scalar_type() == at::kDouble),
+                "clfast.", op, ": block ", i, " must be float32 or float64 like block 0");
+    TORCH_CHECK(v[i].device() == v[0].device() && a[i].device() == v[0].device() && g[i].device() == v[0].device(),
+                "clfast.", op, ": block ", i, " must be on ", v[0].device());
+  }
+}
+
+// sum_i <g_i v_i a_i, v_i> = sum_i tr(v_i^T g_i v_i a_i), for symmetric a_i, g_i (Fisher factors).
+at::Tensor kron_quadratic(at::TensorList a, at::TensorList g, at::TensorList v) {
+  check_blocks("kron_quadratic", a, g, v);
+  at::Tensor total = v[0].new_zeros({});
+  for (size_t i = 0; i < v.size(); ++i) total.add_(g[i].mm(v[i]).mul_(v[i].mm(a[i])).sum());
+  return total;
+}
+
+// grad_out * 2 g_i v_i a_i for each block.
+std::vector<at::Tensor> kron_quadratic_backward(const at::Tensor& grad_out, at::TensorList a, at::TensorList g,
+                                                at::TensorList v) {
+  check_blocks("kron_quadratic_backward", a, g, v);
+  std::vector<at::Tensor> out;
+  const at::Tensor scale = grad_out.mul(2);  // stays on the device: no sync
+  for (size_t i = 0; i < v.size(); ++i) out.push_back(g[i].mm(v[i]).mm(a[i]).mul_(scale));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(clfast, CompositeExplicitAutograd, m) {
+  m.impl("kron_quadratic", &kron_quadratic);
+  m.impl("kron_quadratic_backward", &kron_quadratic_backward);
+}
+
+}  // namespace clfast

@@ -1,0 +1,166 @@
+"""EWC: penalties and gradients equal nngeometry's vTMv for every representation; modes; state; bad input."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import clfast
+from clfast import reference
+from clfast.testing import device_params, needs_native
+
+nngeometry = pytest.importorskip("nngeometry")
+from nngeometry.metrics import FIM  # noqa: E402
+from nngeometry.object import PVector  # noqa: E402
+
+REPS = ["diag", "kfac", "dense", "blockdiag", "ekfac"]
+
+
+class BaseNet(nn.Module):
+    """The seed notebook's ConvNet (28x28 inputs)."""
+
+    def __init__(self, num_classes=30):
+        super().__init__()
+        self.relu = nn.ReLU()
+        self.conv1 = nn.Conv2d(1, 5, kernel_size=5)
+        self.conv2 = nn.Conv2d(5, 5, kernel_size=5)
+        self.maxpool2 = nn.MaxPool2d(kernel_size=2)
+        self.fc1 = nn.Linear(80, 20)
+        self.fc2 = nn.Linear(20, num_classes, bias=False)
+
+    def forward(self, x):
+        x = x.view(-1, 1, 28, 28)
+        x = self.relu(self.maxpool2(self.conv1(x)))
+        x = self.relu(self.maxpool2(self.conv2(x)))
+        return self.fc2(self.relu(self.fc1(x.view(-1, 80))))
+
+
+def _model(kind, seed=0):
+    torch.manual_seed(seed)
+    if kind == "mlp":
+        return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 16), nn.ReLU(), nn.Linear(16, 10))
+    return BaseNet()
+
+
+def _loader(seed, n=48, with_task=True):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
+    tensors = (x, y, torch.zeros(n, dtype=torch.long)) if with_task else (x, y)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*tensors), batch_size=16)
+
+
+def _perturb(model, seed, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "convnet"])
+@pytest.mark.parametrize("rep", REPS)
+@pytest.mark.parametrize("mode", ["separate", "online"])
+def test_penalty_and_gradient_equal_nngeometry(backend, kind, rep, mode):
+    if rep in ("dense", "blockdiag") and (kind == "mlp" or mode == "online"):
+        pytest.skip("dense blocks of 12.7k parameters are slow; modes are covered by the other representations")
+    model = _model(kind)
+    ewc = clfast.EWC(model, rep, mode=mode, gamma=0.7)
+    expected_terms = []  # (coefficient, Fisher, anchor) as nngeometry would compute them
+    for task in range(2):
+        _perturb(model, 10 + task)
+        loader = _loader(task)
+        ewc.consolidate(loader)
+        fisher = ewc.fishers[-1]  # nngeometry's own object: the comparison is with its vTMv
+        if rep == "diag":  # and it is the Fisher nngeometry computes for this data
+            expected_fisher = FIM(model, loader, type(fisher), variant="classif_logits", device="cpu")
+            torch.testing.assert_close(fisher.data, expected_fisher.data)
+        anchor = PVector.from_model(model).clone().detach()
+        if mode == "online":
+            expected_terms = [(0.7 * c, f, anchor) for c, f, _ in expected_terms]
+        expected_terms.append((1.0, fisher, anchor))
+    _perturb(model, 99)
+    expected = sum(c * f.vTMv(PVector.from_model(model) - a) for c, f, a in expected_terms)
+    got = ewc.penalty()
+    torch.testing.assert_close(got, expected.to(got.dtype), rtol=1e-5, atol=1e-8)
+    assert float(got.detach()) > 0
+
+    params = ewc.parameters()
+    g_expected = torch.autograd.grad(expected, params)
+    g_got = torch.autograd.grad(ewc.penalty(), params)
+    for a, b in zip(g_got, g_expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    ewc.add_penalty_grad_(0.5)
+    for p, b in zip(params, g_expected):
+        torch.testing.assert_close(p.grad, 1 + 0.5 * b, rtol=1e-4, atol=1e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kron_quadratic_matches_reference(device, dtype):
+    g_ = torch.Generator().manual_seed(0)
+    blocks = []
+    for n, m in [(4, 7), (10, 3), (1, 1), (30, 1)]:
+        a, g = torch.randn(m, m, generator=g_, dtype=dtype), torch.randn(n, n, generator=g_, dtype=dtype)
+        blocks.append((a @ a.T, g @ g.T, torch.randn(n, m, generator=g_, dtype=dtype)))
+    a, g, v = ([b[i].to(device) for b in blocks] for i in range(3))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.ops.clfast.kron_quadratic(a, g, v), reference.kron_quadratic(a, g, v), **tol)
+    grad = torch.tensor(0.75, dtype=dtype, device=device)
+    for x, y in zip(torch.ops.clfast.kron_quadratic_backward(grad, a, g, v),
+                    reference.kron_quadratic_backward(grad, a, g, v)):
+        torch.testing.assert_close(x, y, **tol)
+    vv = [t.clone().requires_grad_() for t in v]
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda *xs: torch.ops.clfast.kron_quadratic(a, g, list(xs)), vv)
+
+
+@needs_native
+def test_opcheck_kron_quadratic():
+    a, g, v = [torch.eye(3) * 2], [torch.eye(2) + 0.5], [torch.randn(2, 3, requires_grad=True)]
+    torch.library.opcheck(torch.ops.clfast.kron_quadratic, (a, g, v))
+    torch.library.opcheck(torch.ops.clfast.kron_quadratic_backward, (torch.tensor(1.0), a, g, [v[0].detach()]))
+
+
+def test_state_dict_round_trip(backend):
+    model = _model("convnet")
+    ewc = clfast.EWC(model, "kfac", mode="online", gamma=0.5)
+    for task in range(2):
+        _perturb(model, task)
+        ewc.consolidate(_loader(task))
+    _perturb(model, 7)
+    twin = clfast.EWC(model, "kfac")
+    twin.load_state_dict(copy.deepcopy(ewc.state_dict()))
+    torch.testing.assert_close(twin.penalty(), ewc.penalty())
+    with pytest.raises(ValueError, match="holds 'kfac' Fishers"):
+        clfast.EWC(model, "diag").load_state_dict(ewc.state_dict())
+
+
+def test_training_with_ewc_penalty_runs_and_anchors(backend):
+    model = _model("mlp")
+    ewc = clfast.EWC(model, "diag")
+    assert float(ewc.penalty()) == 0
+    ewc.consolidate(_loader(0, with_task=False))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = next(iter(_loader(1, with_task=False)))[:2]
+    for _ in range(5):
+        opt.zero_grad()
+        (F.cross_entropy(model(x), y) + 100 * ewc.penalty()).backward()
+        opt.step()
+    assert 0 < float(ewc.penalty()) < 1
+
+
+def test_bad_configuration_is_clear():
+    with pytest.raises(ValueError, match="representation must be one of"):
+        clfast.EWC(_model("mlp"), "full")
+    with pytest.raises(ValueError, match="mode must be"):
+        clfast.EWC(_model("mlp"), mode="sum")
+    bn = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match="BatchNorm layer '1'.*representation='diag'"):
+        clfast.EWC(bn, "kfac")
+    ewc = clfast.EWC(bn, "diag")  # diagonal Fishers cover BatchNorm parameters
+    ds = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
+    ewc.consolidate(torch.utils.data.DataLoader(ds, batch_size=8))
+    assert len(ewc.parameters()) == 6 and float(ewc.penalty()) == 0
