@@ -157,13 +157,12 @@ def cbp_replace_(w_cur: Tensor, b_cur: Optional[Tensor], w_next: Tensor, b_next:
 
 def kron_quadratic(a: Sequence[Tensor], g: Sequence[Tensor], v: Sequence[Tensor]) -> Tensor:
     """``sum_i <g_i v_i a_i, v_i>`` for symmetric factors, differentiable in ``v``."""
-    return _op("kron_quadratic")(list(a), list(g), list(v))
+    return _op("kron_quadratic")(list(a), list(g), list(v))[0]
 
 
-def kron_quadratic_backward(grad_out: Tensor, a: Sequence[Tensor], g: Sequence[Tensor],
-                            v: Sequence[Tensor]) -> List[Tensor]:
-    """``grad_out * 2 g_i v_i a_i`` per block."""
-    return _op("kron_quadratic_backward")(grad_out, list(a), list(g), list(v))
+def kron_mv(scale: Tensor, a: Sequence[Tensor], g: Sequence[Tensor], v: Sequence[Tensor]) -> List[Tensor]:
+    """``scale * g_i v_i a_i`` per block (``scale`` a 0-dim tensor)."""
+    return _op("kron_mv")(scale, list(a), list(g), list(v))
 
 
 # ---- reservoir buffer ------------------------------------------------------------------------------------------
@@ -229,17 +228,18 @@ if native_available():
 
     @torch.library.register_fake("clfast::kron_quadratic")
     def _(a, g, v):
-        return v[0].new_empty(())
+        return v[0].new_empty(()), [torch.empty_like(x, memory_format=torch.contiguous_format) for x in v]
 
-    @torch.library.register_fake("clfast::kron_quadratic_backward")
-    def _(grad_out, a, g, v):
+    @torch.library.register_fake("clfast::kron_mv")
+    def _(scale, a, g, v):
         return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in v]
 
     def _kron_setup(ctx, inputs, output):
-        ctx.a, ctx.g, ctx.v = inputs
+        ctx.products = output[1]
+        ctx.mark_non_differentiable(*output[1])
 
-    def _kron_backward(ctx, grad):
-        grads = torch.ops.clfast.kron_quadratic_backward(grad, ctx.a, ctx.g, ctx.v)
+    def _kron_backward(ctx, grad, _grad_products):
+        grads = [t * (2 * grad) for t in ctx.products]  # d/dv <g v a, v> = 2 g v a, computed in the forward
         return [None] * len(grads), [None] * len(grads), grads
 
     torch.library.register_autograd("clfast::kron_quadratic", _kron_backward, setup_context=_kron_setup)

@@ -3,7 +3,7 @@
 The Fisher of each task is computed by nngeometry's ``FIM`` (any representation); the penalty
 ``sum_t c_t (theta - theta_t)^T F_t (theta - theta_t)`` runs on fused ops: the diagonal one on SI's weighted
 squared distance (``si_penalty`` / ``si_penalty_grad_``), KFAC blocks and dense Fishers on ``kron_quadratic``
-(``<G V A, V>`` per block, with its fused backward). Block-diagonal and EKFAC Fishers use nngeometry's
+(``<G V A, V>`` per block, keeping ``G V A`` for the backward) and ``kron_mv``. Block-diagonal and EKFAC Fishers use nngeometry's
 own ``vTMv``. The values equal nngeometry's ``F.vTMv(PVector.from_model(model) - v_t)``.
 """
 from __future__ import annotations
@@ -197,7 +197,7 @@ class EWC:
                 return
             if self.representation in ("kfac", "dense"):
                 a, g, v = self._blocks([p.detach() for p in params])
-                blocks = _ops.kron_quadratic_backward(params[0].new_tensor(float(strength)), a, g, v)
+                blocks = _ops.kron_mv(params[0].new_tensor(2.0 * strength), a, g, v)
                 self._scatter(blocks, grads)
                 return
         with torch.enable_grad():

@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <tuple>
 #include <vector>
 
 namespace clfast {
@@ -27,20 +28,25 @@ void check_blocks(const char* op, at::TensorList a, at::TensorList g, at::Tensor
   }
 }
 
-// sum_i <g_i v_i a_i, v_i> = sum_i tr(v_i^T g_i v_i a_i), for symmetric a_i, g_i (Fisher factors).
-at::Tensor kron_quadratic(at::TensorList a, at::TensorList g, at::TensorList v) {
+// sum_i <g_i v_i a_i, v_i> = sum_i tr(v_i^T g_i v_i a_i), for symmetric a_i, g_i (Fisher factors), and the
+// products t_i = g_i v_i a_i: the gradient is 2 t_i, so the backward needs no further GEMM.
+std::tuple<at::Tensor, std::vector<at::Tensor>> kron_quadratic(at::TensorList a, at::TensorList g, at::TensorList v) {
   check_blocks("kron_quadratic", a, g, v);
   at::Tensor total = v[0].new_zeros({});
-  for (size_t i = 0; i < v.size(); ++i) total.add_(g[i].mm(v[i]).mul_(v[i].mm(a[i])).sum());
-  return total;
+  std::vector<at::Tensor> products;
+  for (size_t i = 0; i < v.size(); ++i) {
+    products.push_back(g[i].mm(v[i]).mm(a[i]));
+    total.add_(products.back().mul(v[i]).sum());
+  }
+  return {total, products};
 }
 
-// grad_out * 2 g_i v_i a_i for each block.
-std::vector<at::Tensor> kron_quadratic_backward(const at::Tensor& grad_out, at::TensorList a, at::TensorList g,
-                                                at::TensorList v) {
-  check_blocks("kron_quadratic_backward", a, g, v);
+// scale * g_i v_i a_i for each block (the penalty's gradient with scale = 2 * strength; a Kronecker-factored
+// preconditioner when a, g are inverses). `scale` is a 0-dim tensor so it may stay on the device.
+std::vector<at::Tensor> kron_mv(const at::Tensor& scale, at::TensorList a, at::TensorList g, at::TensorList v) {
+  check_blocks("kron_mv", a, g, v);
+  TORCH_CHECK(scale.numel() == 1, "clfast.kron_mv: scale must hold one element, got shape ", scale.sizes());
   std::vector<at::Tensor> out;
-  const at::Tensor scale = grad_out.mul(2);  // stays on the device: no sync
   for (size_t i = 0; i < v.size(); ++i) out.push_back(g[i].mm(v[i]).mm(a[i]).mul_(scale));
   return out;
 }
@@ -49,7 +55,7 @@ std::vector<at::Tensor> kron_quadratic_backward(const at::Tensor& grad_out, at::
 
 TORCH_LIBRARY_IMPL(clfast, CompositeExplicitAutograd, m) {
   m.impl("kron_quadratic", &kron_quadratic);
-  m.impl("kron_quadratic_backward", &kron_quadratic_backward);
+  m.impl("kron_mv", &kron_mv);
 }
 
 }  // namespace clfast

@@ -52,7 +52,9 @@ TORCH_LIBRARY(clfast, m) {
 
   // ---- EWC quadratic forms (csrc/ewc.cpp, clfast/reference/ewc.py) ----
   // sum_i <g_i v_i a_i, v_i> for symmetric factors: KFAC blocks (g [out, out], v [out, in(+1)], a [in(+1), in(+1)])
-  // and dense Fishers (g = F, v = delta [P, 1], a = [[1]]).
-  m.def("kron_quadratic(Tensor[] a, Tensor[] g, Tensor[] v) -> Tensor");
-  m.def("kron_quadratic_backward(Tensor grad_out, Tensor[] a, Tensor[] g, Tensor[] v) -> Tensor[]");
+  // and dense Fishers (g = F, v = delta [P, 1], a = [[1]]); also returns the products g_i v_i a_i (half the
+  // gradient, kept for the backward).
+  m.def("kron_quadratic(Tensor[] a, Tensor[] g, Tensor[] v) -> (Tensor, Tensor[])");
+  // scale * g_i v_i a_i per block.
+  m.def("kron_mv(Tensor scale, Tensor[] a, Tensor[] g, Tensor[] v) -> Tensor[]");
 }

@@ -22,6 +22,6 @@ __all__ += ["cbp_update_", "cbp_replace_"]
 from .buffer import reservoir_add_  # noqa: E402
 
 __all__ += ["reservoir_add_"]
-from .ewc import kron_quadratic, kron_quadratic_backward  # noqa: E402
+from .ewc import kron_mv, kron_quadratic  # noqa: E402
 
-__all__ += ["kron_quadratic", "kron_quadratic_backward"]
+__all__ += ["kron_quadratic", "kron_mv"]

@@ -1,7 +1,7 @@
 """Pure-torch reference of the EWC quadratic-form ops (schemas in csrc/ops.cpp)."""
 from __future__ import annotations
 
-from typing import List
+from typing import List, Tuple
 
 import torch
 from torch import Tensor
@@ -18,12 +18,13 @@ def _check(op: str, a: List[Tensor], g: List[Tensor], v: List[Tensor]) -> None:
                                f"v {list(vi.shape)}, a {list(ai.shape)}")
 
 
-def kron_quadratic(a: List[Tensor], g: List[Tensor], v: List[Tensor]) -> Tensor:
+def kron_quadratic(a: List[Tensor], g: List[Tensor], v: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
     _check("kron_quadratic", a, g, v)
-    return sum(((gi @ vi) * (vi @ ai)).sum() for ai, gi, vi in zip(a, g, v))
+    products = [gi @ vi @ ai for ai, gi, vi in zip(a, g, v)]
+    return sum((t * vi).sum() for t, vi in zip(products, v)), [t.detach() for t in products]
 
 
 @torch.no_grad()
-def kron_quadratic_backward(grad_out: Tensor, a: List[Tensor], g: List[Tensor], v: List[Tensor]) -> List[Tensor]:
-    _check("kron_quadratic_backward", a, g, v)
-    return [gi @ vi @ ai * (2 * grad_out) for ai, gi, vi in zip(a, g, v)]
+def kron_mv(scale: Tensor, a: List[Tensor], g: List[Tensor], v: List[Tensor]) -> List[Tensor]:
+    _check("kron_mv", a, g, v)
+    return [gi @ vi @ ai * scale for ai, gi, vi in zip(a, g, v)]
