@@ -11,6 +11,7 @@ from .si import SI
 from .cbp import CBP
 from .buffer import DataBuffer, ReservoirBuffer
 from .ewc import EWC
+from .ocar import OCAR
 
 __all__ = ["__version__", "backend", "set_backend", "native_available", "si", "SI", "optim", "CBP",
-           "ReservoirBuffer", "DataBuffer", "EWC"]
+           "ReservoirBuffer", "DataBuffer", "EWC", "OCAR"]

@@ -18,6 +18,14 @@ from . import _ops
 __all__ = ["EWC"]
 
 
+def layer_params(layer_collection, modules: Dict[str, nn.Module]):
+    """(layer id, weight, bias or None) in nngeometry's parameter order."""
+    for lid, layer in layer_collection.layers.items():
+        mod = modules[lid]
+        has_bias = getattr(layer, "bias", None) is not None or "BatchNorm" in type(layer).__name__
+        yield lid, mod.weight, (mod.bias if has_bias else None)
+
+
 def _representations():
     from nngeometry.object import PMatBlockDiag, PMatDense, PMatDiag, PMatEKFAC, PMatKFAC
 
@@ -88,10 +96,7 @@ class EWC:
 
     # -- parameters in nngeometry's order -----------------------------------------------------------------
     def _layer_params(self):
-        for lid, layer in self.layer_collection.layers.items():
-            mod = self._modules[lid]
-            has_bias = getattr(layer, "bias", None) is not None or "BatchNorm" in type(layer).__name__
-            yield lid, mod.weight, (mod.bias if has_bias else None)
+        return layer_params(self.layer_collection, self._modules)
 
     def parameters(self) -> List[Tensor]:
         out = []

@@ -1,0 +1,207 @@
+"""OCAR: replay whose gradient is preconditioned by the Fisher of the replayed + current data
+(Urettini & Carta, arXiv 2502.01866; the seed notebook's "Ours").
+
+Each :meth:`OCAR.step` trains on the current batch plus an equal-size sample of the buffer and replaces the
+gradient ``g`` by ``(F + damping I)^{-1} g``:
+
+* ``fisher="exact"``: ``F`` is nngeometry's FIM on that union batch, as the seed computes it; the solve follows
+  nngeometry's conventions (KFAC's pi-damping ``(G + sqrt(d)/pi I)^{-1} V (A + sqrt(d) pi I)^{-1}``), so the
+  result equals ``F.solve(PVector.from_model_grad(model), regul=damping)``.
+* ``fisher="ema"`` (KFAC): the Kronecker factors come from hooks on the step's own forward and one extra
+  backward of labels sampled from the model (an unbiased estimate of nngeometry's true-Fisher factors, with its
+  scaling), are averaged with decay ``ema_decay`` and inverted every ``refresh`` steps; a step then costs two
+  small GEMMs per layer (``kron_mv``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import _ops
+from .buffer import ReservoirBuffer
+from .ewc import EWC, _representations, layer_params
+
+__all__ = ["OCAR"]
+
+
+def kfac_inverse(a: Tensor, g: Tensor, damping: float) -> Tuple[Tensor, Tensor]:
+    """Inverses of nngeometry's pi-damped KFAC factors: ``(A + sqrt(d) pi I)^-1``, ``(G + sqrt(d)/pi I)^-1``."""
+    pi = math.sqrt(float(torch.trace(a) / torch.trace(g)) * g.shape[0] / a.shape[0])
+    eye_a, eye_g = torch.eye(a.shape[0], dtype=a.dtype, device=a.device), torch.eye(g.shape[0], dtype=g.dtype,
+                                                                                     device=g.device)
+    return (torch.cholesky_inverse(torch.linalg.cholesky(a + math.sqrt(damping) * pi * eye_a)),
+            torch.cholesky_inverse(torch.linalg.cholesky(g + math.sqrt(damping) / pi * eye_g)))
+
+
+class OCAR:
+    """Fisher-preconditioned replay.
+
+    Args:
+        model: the network (Linear / Conv2d layers; the same layer collection as :class:`clfast.EWC`).
+        buffer: a :class:`clfast.ReservoirBuffer` holding ``(x, y)``; each step adds the current batch to it.
+        optimizer: applied to the preconditioned gradient.
+        representation: ``"kfac"``, ``"diag"`` or ``"dense"`` (``"ema"`` needs ``"kfac"``).
+        damping: Tikhonov damping ``d`` of the solve.
+        fisher: ``"exact"`` or ``"ema"``.
+        ema_decay, refresh: EMA decay of the factors, and how often (in steps) they are re-inverted.
+        loss_fn: training loss ``loss_fn(model(x), y)``.
+        generator: for the labels sampled in ema mode.
+    """
+
+    def __init__(self, model: nn.Module, buffer: ReservoirBuffer, optimizer: torch.optim.Optimizer,
+                 representation: str = "kfac", damping: float = 1e-2, fisher: str = "exact",
+                 ema_decay: float = 0.95, refresh: int = 10,
+                 loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+                 generator: Optional[torch.Generator] = None) -> None:
+        if representation not in ("kfac", "diag", "dense"):
+            raise ValueError(f"representation must be 'kfac', 'diag' or 'dense', got {representation!r}")
+        if fisher not in ("exact", "ema"):
+            raise ValueError(f"fisher must be 'exact' or 'ema', got {fisher!r}")
+        if fisher == "ema" and representation != "kfac":
+            raise ValueError("fisher='ema' keeps Kronecker factors: use representation='kfac' (or fisher='exact')")
+        if not damping > 0:
+            raise ValueError(f"damping must be > 0, got {damping}")
+        if not 0 <= ema_decay < 1 or int(refresh) != refresh or refresh < 1:
+            raise ValueError("ema_decay must be in [0, 1) and refresh a positive integer")
+        self.model, self.buffer, self.optimizer = model, buffer, optimizer
+        self.representation, self.damping, self.fisher = representation, float(damping), fisher
+        self.ema_decay, self.refresh, self.loss_fn, self.generator = float(ema_decay), int(refresh), loss_fn, generator
+        # the layer collection, BatchNorm check and parameter order are EWC's
+        self._ewc = EWC(model, representation)
+        self.steps = 0
+        self.factors: Dict[str, List[Tensor]] = {}   # layer id -> [A, G] (ema mode)
+        self._inverses: Optional[Tuple[List[Tensor], List[Tensor]]] = None
+        self._hooks: list = []
+        self._inputs: Dict[str, Tensor] = {}
+        self._outputs: Dict[str, Tensor] = {}
+        if fisher == "ema":
+            for lid, mod in self._ewc._modules.items():
+                self._hooks.append(mod.register_forward_hook(self._capture(lid)))
+
+    def _capture(self, lid: str):
+        def hook(module, inputs, output):
+            if torch.is_grad_enabled() and self._collecting:
+                self._inputs[lid], self._outputs[lid] = inputs[0].detach(), output
+        return hook
+
+    _collecting = False
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    # -- the training step -----------------------------------------------------------------------------------
+    def step(self, x: Tensor, y: Tensor) -> Tensor:
+        """One replay step on ``x [B, ...]``, ``y [B]`` plus ``B`` buffer items; returns the (detached) loss."""
+        xs, ys = x, y
+        if len(self.buffer):
+            xb, yb = self.buffer.sample(x.shape[0])[:2]
+            xs, ys = torch.cat([x, xb.to(x.device)]), torch.cat([y, yb.to(y.device)])
+        self.optimizer.zero_grad()
+        self._collecting = self.fisher == "ema"
+        try:
+            out = self.model(xs)
+        finally:
+            self._collecting = False
+        loss = self.loss_fn(out, ys)
+        if self.fisher == "ema":
+            self._update_factors(out)
+        loss.backward()
+        self.precondition_(xs, ys)
+        self.optimizer.step()
+        self.buffer.add(x, y)
+        self.steps += 1
+        return loss.detach()
+
+    def precondition_(self, x: Optional[Tensor] = None, y: Optional[Tensor] = None) -> None:
+        """Replace the parameters' ``.grad`` by ``(F + damping I)^{-1} .grad``; exact mode computes ``F`` on
+        ``(x, y)``, ema mode uses the running factors."""
+        params = self._ewc.parameters()
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if self.fisher == "ema":
+            if self._inverses is None or self.steps % self.refresh == 0:
+                self._invert([self.factors[lid] for lid in self._ewc._modules])
+            self._apply_kfac(*self._inverses)
+            return
+        if x is None:
+            raise ValueError("OCAR.precondition_: exact mode needs the batch (x, y) the Fisher is computed on")
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(x))
+        from nngeometry.metrics import FIM
+
+        fisher = FIM(self.model, loader, _representations()[self.representation], variant="classif_logits",
+                     device=x.device, layer_collection=self._ewc.layer_collection)
+        with torch.no_grad():
+            grads = [p.grad for p in params]
+            if self.representation == "diag":
+                flat = torch.cat([g.reshape(-1) for g in grads]) / (fisher.data + self.damping)
+                for g, part in zip(grads, torch.split(flat, [g.numel() for g in grads])):
+                    g.copy_(part.view_as(g))
+            elif self.representation == "dense":
+                eye = torch.eye(fisher.data.shape[0], dtype=fisher.data.dtype, device=fisher.data.device)
+                flat = torch.linalg.solve(fisher.data + self.damping * eye,
+                                          torch.cat([g.reshape(-1) for g in grads]))
+                for g, part in zip(grads, torch.split(flat, [g.numel() for g in grads])):
+                    g.copy_(part.view_as(g))
+            else:
+                self._invert([fisher.data[lid] for lid in self._ewc._modules])
+                self._apply_kfac(*self._inverses)
+
+    def _invert(self, factors: List) -> None:
+        inv = [kfac_inverse(a, g, self.damping) for a, g in factors]
+        self._inverses = ([a for a, _ in inv], [g for _, g in inv])
+
+    @torch.no_grad()
+    def _apply_kfac(self, a_inv: List[Tensor], g_inv: List[Tensor]) -> None:
+        blocks, slots = [], []
+        for lid, w, b in layer_params(self._ewc.layer_collection, self._ewc._modules):
+            gw = w.grad.reshape(w.shape[0], -1)
+            blocks.append(torch.cat([gw, b.grad[:, None]], 1) if b is not None else gw)
+            slots.append((w, b))
+        one = blocks[0].new_ones(())
+        for (w, b), x in zip(slots, _ops.kron_mv(one, a_inv, g_inv, blocks)):
+            w.grad.copy_(x[:, :w[0].numel()].reshape(w.shape))
+            if b is not None:
+                b.grad.copy_(x[:, -1])
+
+    # -- ema factors ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _batch_factors(self, lid: str, x: Tensor, gy: Tensor, n_out: int) -> Tuple[Tensor, Tensor]:
+        """nngeometry's KFAC factors of one batch: A = sqrt(K) sum x x^T / n, G = sum g g^T / (sqrt(K) n)."""
+        mod = self._ewc._modules[lid]
+        n = x.shape[0]
+        if isinstance(mod, nn.Conv2d):
+            cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
+            x = cols.permute(0, 2, 1).reshape(-1, cols.shape[1])
+            locations = gy.shape[2] * gy.shape[3]
+            gy = gy.permute(0, 2, 3, 1).reshape(-1, gy.shape[1]) / math.sqrt(locations)
+        else:
+            x = x.reshape(n, -1)
+        if mod.bias is not None:
+            x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
+        k = math.sqrt(n_out)
+        return x.t() @ x * (k / n), gy.t() @ gy / (k * n)
+
+    def _update_factors(self, out: Tensor) -> None:
+        # labels from the model's own predictive distribution: E[g g^T] is the true Fisher's G factor
+        with torch.no_grad():
+            sampled = torch.multinomial(torch.softmax(out.detach().float(), 1), 1, generator=self.generator)[:, 0]
+        lids = list(self._ewc._modules)
+        mc_loss = F.cross_entropy(out, sampled, reduction="sum")
+        gys = torch.autograd.grad(mc_loss, [self._outputs[lid] for lid in lids], retain_graph=True)
+        n_out = out.shape[1] - 1  # nngeometry's whitened outputs for classif_logits
+        d = self.ema_decay if self.factors else 0.0
+        for lid, gy in zip(lids, gys):
+            a, g = self._batch_factors(lid, self._inputs[lid], gy, n_out)
+            if lid in self.factors:
+                self.factors[lid][0].mul_(d).add_(a, alpha=1 - d)
+                self.factors[lid][1].mul_(d).add_(g, alpha=1 - d)
+            else:
+                self.factors[lid] = [a, g]
+        self._inputs, self._outputs = {}, {}

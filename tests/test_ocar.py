@@ -1,0 +1,90 @@
+"""OCAR: exact mode equals nngeometry's solve; ema factors converge to nngeometry's; training runs."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import clfast
+
+pytest.importorskip("nngeometry")
+from nngeometry.metrics import FIM  # noqa: E402
+from nngeometry.object import PMatDense, PMatDiag, PMatKFAC, PVector  # noqa: E402
+
+from test_ewc import BaseNet  # noqa: E402
+
+REPS = {"kfac": PMatKFAC, "diag": PMatDiag, "dense": PMatDense}
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 6, bias=False), nn.ReLU(),
+                         nn.Linear(6, 5))
+
+
+def _batch(n, seed, image=(1, 4, 4), classes=5):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *image, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+@pytest.mark.parametrize("rep", list(REPS))
+@pytest.mark.parametrize("kind", ["mlp", "convnet"])
+def test_exact_mode_equals_nngeometry_solve(backend, rep, kind):
+    if kind == "convnet" and rep == "dense":
+        pytest.skip("dense on the ConvNet is slow; covered on the MLP")
+    model = _mlp() if kind == "mlp" else BaseNet()
+    shape, classes = ((1, 4, 4), 5) if kind == "mlp" else ((1, 28, 28), 30)
+    x, y = _batch(24, 1, shape, classes)
+    ocar = clfast.OCAR(model, clfast.ReservoirBuffer(10), torch.optim.SGD(model.parameters(), lr=0.0), rep,
+                       damping=1e-2)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(x))
+    fisher = FIM(model, loader, REPS[rep], variant="classif_logits", device="cpu")
+    expected = fisher.solve(PVector.from_model_grad(model), regul=1e-2).to_torch()
+    ocar.precondition_(x, y)
+    got = torch.cat([p.grad.reshape(-1) for p in ocar._ewc.parameters()])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "convnet"])
+def test_ema_factors_converge_to_nngeometry_factors(kind):
+    model = _mlp() if kind == "mlp" else BaseNet()
+    x, y = _batch(32, 2) if kind == "mlp" else _batch(16, 2, (1, 28, 28), 30)
+    ocar = clfast.OCAR(model, clfast.ReservoirBuffer(10), torch.optim.SGD(model.parameters(), lr=0.0), "kfac",
+                       fisher="ema", ema_decay=0.998, generator=torch.Generator().manual_seed(0))
+    for _ in range(1500):  # fixed batch and parameters: the running factors average sampled-label estimates
+        ocar._collecting = True
+        out = model(x)
+        ocar._collecting = False
+        ocar._update_factors(out)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(x))
+    exact = FIM(model, loader, PMatKFAC, variant="classif_logits", device="cpu").data
+    for lid, (a, g) in exact.items():
+        ema_a, ema_g = ocar.factors[lid]
+        torch.testing.assert_close(ema_a, a, rtol=1e-4, atol=1e-5)  # A does not depend on labels
+        assert float((ema_g - g).norm() / g.norm()) < 0.1, lid
+
+
+@pytest.mark.parametrize("fisher", ["exact", "ema"])
+def test_training_steps_learn_and_fill_the_buffer(backend, fisher):
+    model = _mlp()
+    buf = clfast.ReservoirBuffer(64, generator=torch.Generator().manual_seed(0))
+    ocar = clfast.OCAR(model, buf, torch.optim.SGD(model.parameters(), lr=0.05), "kfac", fisher=fisher,
+                       refresh=5, generator=torch.Generator().manual_seed(1))
+    x, y = _batch(64, 3)
+    losses = [float(ocar.step(x[i % 4 * 16:(i % 4 + 1) * 16], y[i % 4 * 16:(i % 4 + 1) * 16])) for i in range(40)]
+    assert len(buf) == 64 and buf.num_seen == 640
+    assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8
+
+
+def test_bad_configuration_is_clear():
+    model, buf, opt = _mlp(), clfast.ReservoirBuffer(4), None
+    with pytest.raises(ValueError, match="representation must be"):
+        clfast.OCAR(model, buf, opt, "ekfac")
+    with pytest.raises(ValueError, match="use representation='kfac'"):
+        clfast.OCAR(model, buf, opt, "diag", fisher="ema")
+    with pytest.raises(ValueError, match="damping"):
+        clfast.OCAR(model, buf, opt, damping=0)
+    bn = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match="BatchNorm layer '1'"):
+        clfast.OCAR(bn, buf, opt, "kfac")
