@@ -30,11 +30,11 @@ __all__ = ["OCAR"]
 
 def kfac_inverse(a: Tensor, g: Tensor, damping: float) -> Tuple[Tensor, Tensor]:
     """Inverses of nngeometry's pi-damped KFAC factors: ``(A + sqrt(d) pi I)^-1``, ``(G + sqrt(d)/pi I)^-1``."""
-    pi = math.sqrt(float(torch.trace(a) / torch.trace(g)) * g.shape[0] / a.shape[0])
+    pi = torch.sqrt(torch.trace(a) / torch.trace(g) * (g.shape[0] / a.shape[0]))  # a tensor: no host sync
     eye_a, eye_g = torch.eye(a.shape[0], dtype=a.dtype, device=a.device), torch.eye(g.shape[0], dtype=g.dtype,
                                                                                      device=g.device)
-    return (torch.cholesky_inverse(torch.linalg.cholesky(a + math.sqrt(damping) * pi * eye_a)),
-            torch.cholesky_inverse(torch.linalg.cholesky(g + math.sqrt(damping) / pi * eye_g)))
+    return (torch.cholesky_inverse(torch.linalg.cholesky(a + (math.sqrt(damping) * pi) * eye_a)),
+            torch.cholesky_inverse(torch.linalg.cholesky(g + (math.sqrt(damping) / pi) * eye_g)))
 
 
 class OCAR:

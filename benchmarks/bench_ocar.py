@@ -1,0 +1,97 @@
+"""OCAR on the seed's Base_Net ConvNet (30 outputs) with batches of 256 current + 256 replayed images:
+
+* ``test_kfac_solve``: preconditioning the gradient, nngeometry's ``F.solve`` (a least-squares solve per layer
+  per call) vs clfast's exact mode (damped inverses + ``kron_mv``) vs ema mode (``kron_mv`` on cached inverses);
+* ``test_step``: the seed's "Ours" step (three nngeometry Fishers, solve, list buffer) vs an OCAR ema step."""
+import pytest
+import torch
+from torch import nn
+
+import clfast
+from clfast.reference.buffer import ListDataBuffer
+from clfast.reference.ocar import seed_ours_step
+from clfast.testing import device_params, sync
+
+pytest.importorskip("nngeometry")
+from nngeometry.metrics import FIM  # noqa: E402
+from nngeometry.object import PMatKFAC, PVector  # noqa: E402
+
+pytestmark = pytest.mark.benchmark(min_rounds=5, max_time=2.0, warmup=True, warmup_iterations=1)
+
+
+class BaseNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.relu, self.pool = nn.ReLU(), nn.MaxPool2d(2)
+        self.conv1, self.conv2 = nn.Conv2d(1, 5, 5), nn.Conv2d(5, 5, 5)
+        self.fc1, self.fc2 = nn.Linear(80, 20), nn.Linear(20, 30, bias=False)
+
+    def forward(self, x):
+        x = self.relu(self.pool(self.conv1(x.view(-1, 1, 28, 28))))
+        x = self.relu(self.pool(self.conv2(x)))
+        return self.fc2(self.relu(self.fc1(x.view(-1, 80))))
+
+
+@pytest.fixture(params=device_params(), scope="module")
+def device(request):
+    return request.param
+
+
+def _data(device, n=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 28, 28, generator=g).to(device), torch.randint(0, 30, (n,), generator=g).to(device)
+
+
+@pytest.mark.parametrize("impl", ["nngeometry", "clfast_exact", "clfast_ema"])
+def test_kfac_solve(benchmark, device, impl):
+    torch.manual_seed(0)
+    model = BaseNet().to(device)
+    x, y = _data(device, 512)
+    nn.functional.cross_entropy(model(x), y).backward()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=256)
+    fisher = FIM(model, loader, PMatKFAC, variant="classif_logits", device=device)
+    ocar = clfast.OCAR(model, clfast.ReservoirBuffer(10), torch.optim.SGD(model.parameters(), lr=0.0), "kfac")
+    factors = [fisher.data[lid] for lid in ocar._ewc._modules]
+    ocar._invert(factors)
+    grads = [p.grad.clone() for p in model.parameters()]
+
+    def run():
+        if impl == "nngeometry":
+            fisher.solve(PVector.from_model_grad(model), regul=1e-2)
+        else:
+            for p, g in zip(model.parameters(), grads):
+                p.grad.copy_(g)
+            if impl == "clfast_exact":
+                ocar._invert(factors)
+            ocar._apply_kfac(*ocar._inverses)
+        sync(device)
+
+    benchmark.group = f"OCAR KFAC solve, Base_Net [{device}]"
+    benchmark.extra_info["baseline"] = f"test_kfac_solve[{device}-nngeometry]"
+    benchmark(run)
+
+
+@pytest.mark.parametrize("impl", ["seed_ours", "clfast_ema"])
+def test_step(benchmark, device, impl):
+    torch.manual_seed(0)
+    model = BaseNet().to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=2e-3)
+    x, y = _data(device)
+    if impl == "seed_ours":
+        buf = ListDataBuffer(1000)
+        buf.update_buffer(list(zip(*(t.cpu() for t in _data("cpu", 1000, 1)))))
+        step = lambda: seed_ours_step(model, opt, buf, x, y, PMatKFAC)  # noqa: E731
+    else:
+        buf = clfast.ReservoirBuffer(1000, device=device, generator=torch.Generator(device=device).manual_seed(0))
+        buf.add(*_data(device, 1000, 1))
+        ocar = clfast.OCAR(model, buf, opt, "kfac", fisher="ema", refresh=10,
+                           generator=torch.Generator(device=device).manual_seed(0))
+        step = lambda: ocar.step(x, y)  # noqa: E731
+
+    def run():
+        step()
+        sync(device)
+
+    benchmark.group = f"OCAR training step, Base_Net, 256 + 256 replayed [{device}]"
+    benchmark.extra_info["baseline"] = f"test_step[{device}-seed_ours]"
+    benchmark(run)
