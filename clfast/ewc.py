@@ -26,6 +26,30 @@ def layer_params(layer_collection, modules: Dict[str, nn.Module]):
         yield lid, mod.weight, (mod.bias if has_bias else None)
 
 
+def fim(model: nn.Module, loader, representation, variant: str, device, layer_collection):
+    """nngeometry's ``FIM``, with its ``classif_logits`` whitening made robust: for a confident model
+    ``1 - cumsum(softmax)`` can round below zero and nngeometry's square root then gives NaN. The same
+    whitening with those roundings clamped at 0 is passed as a ``regression`` function, which gives
+    nngeometry's Fisher wherever that is finite."""
+    from nngeometry.metrics import FIM
+
+    if variant != "classif_logits":
+        return FIM(model, loader, representation, variant=variant, device=device, layer_collection=layer_collection)
+
+    def whitened(*d):
+        logits = model(d[0].to(device))
+        p = torch.softmax(logits, dim=1).detach()
+        q = (1 - p.cumsum(dim=1)).clamp_min(0)
+        prev = torch.cat([torch.ones_like(q[:, :1]), q[:, :-2]], dim=1)
+        scale = (p[:, :-1] * q[:, :-1] / prev.clamp_min(torch.finfo(p.dtype).tiny)).clamp_min(0)
+        tri = torch.tril(torch.ones(logits.shape[1], logits.shape[1], device=logits.device), diagonal=-1)
+        x_p = torch.mm(logits * p, tri)[:, :-1] / (q[:, :-1] + torch.finfo().eps)
+        return (logits[:, :-1] - x_p) * scale ** 0.5
+
+    return FIM(model, loader, representation, variant="regression", device=device, function=whitened,
+               layer_collection=layer_collection)
+
+
 def _representations():
     from nngeometry.object import PMatBlockDiag, PMatDense, PMatDiag, PMatEKFAC, PMatKFAC
 
@@ -108,14 +132,11 @@ class EWC:
     def consolidate(self, loader: Iterable) -> None:
         """Compute the Fisher at the current parameters on ``loader`` (model in eval mode) and store it with the
         parameters."""
-        from nngeometry.metrics import FIM
-
         rep = _representations()[self.representation]
         was_training = self.model.training
         self.model.eval()  # nngeometry needs BatchNorm in eval mode; dropout off is right for a Fisher too
         try:
-            fisher = FIM(self.model, loader, rep, variant=self.variant, device=self.device,
-                         layer_collection=self.layer_collection)
+            fisher = fim(self.model, loader, rep, self.variant, self.device, self.layer_collection)
         finally:
             self.model.train(was_training)
         anchor = [p.detach().clone() for p in self.parameters()]

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import _ops
 from .buffer import ReservoirBuffer
-from .ewc import EWC, _representations, layer_params
+from .ewc import EWC, _representations, fim, layer_params
 
 __all__ = ["OCAR"]
 
@@ -98,25 +98,33 @@ class OCAR:
     # -- the training step -----------------------------------------------------------------------------------
     def step(self, x: Tensor, y: Tensor) -> Tensor:
         """One replay step on ``x [B, ...]``, ``y [B]`` plus ``B`` buffer items; returns the (detached) loss."""
-        xs, ys = x, y
-        if len(self.buffer):
-            xb, yb = self.buffer.sample(x.shape[0])[:2]
-            xs, ys = torch.cat([x, xb.to(x.device)]), torch.cat([y, yb.to(y.device)])
+        xs, ys = self.replay(x, y)
         self.optimizer.zero_grad()
-        self._collecting = self.fisher == "ema"
-        try:
-            out = self.model(xs)
-        finally:
-            self._collecting = False
-        loss = self.loss_fn(out, ys)
-        if self.fisher == "ema":
-            self._update_factors(out)
+        loss = self.loss_fn(self.forward(xs), ys)
         loss.backward()
         self.precondition_(xs, ys)
         self.optimizer.step()
         self.buffer.add(x, y)
         self.steps += 1
         return loss.detach()
+
+    def replay(self, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
+        """The batch with as many buffer items appended (the batch alone while the buffer is empty)."""
+        if not len(self.buffer):
+            return x, y
+        xb, yb = self.buffer.sample(x.shape[0])[:2]
+        return torch.cat([x, xb.to(x.device)]), torch.cat([y, yb.to(y.device)])
+
+    def forward(self, xs: Tensor) -> Tensor:
+        """``model(xs)``; in ema mode also updates the running Kronecker factors from this forward."""
+        self._collecting = self.fisher == "ema"
+        try:
+            out = self.model(xs)
+        finally:
+            self._collecting = False
+        if self.fisher == "ema":
+            self._update_factors(out)
+        return out
 
     def precondition_(self, x: Optional[Tensor] = None, y: Optional[Tensor] = None) -> None:
         """Replace the parameters' ``.grad`` by ``(F + damping I)^{-1} .grad``; exact mode computes ``F`` on
@@ -133,10 +141,8 @@ class OCAR:
         if x is None:
             raise ValueError("OCAR.precondition_: exact mode needs the batch (x, y) the Fisher is computed on")
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(x))
-        from nngeometry.metrics import FIM
-
-        fisher = FIM(self.model, loader, _representations()[self.representation], variant="classif_logits",
-                     device=x.device, layer_collection=self._ewc.layer_collection)
+        fisher = fim(self.model, loader, _representations()[self.representation], "classif_logits", x.device,
+                     self._ewc.layer_collection)
         with torch.no_grad():
             grads = [p.grad for p in params]
             if self.representation == "diag":
@@ -191,7 +197,11 @@ class OCAR:
     def _update_factors(self, out: Tensor) -> None:
         # labels from the model's own predictive distribution: E[g g^T] is the true Fisher's G factor
         with torch.no_grad():
-            sampled = torch.multinomial(torch.softmax(out.detach().float(), 1), 1, generator=self.generator)[:, 0]
+            try:
+                sampled = torch.multinomial(torch.softmax(out.detach().float(), 1), 1, generator=self.generator)[:, 0]
+            except RuntimeError as exc:  # multinomial checks its input anyway: no extra sync to find out
+                raise FloatingPointError("OCAR: the model's outputs are not finite (training diverged); lower the "
+                                         "learning rate or raise damping") from exc
         lids = list(self._ewc._modules)
         mc_loss = F.cross_entropy(out, sampled, reduction="sum")
         gys = torch.autograd.grad(mc_loss, [self._outputs[lid] for lid in lids], retain_graph=True)

@@ -1,147 +1,301 @@
-"""``python -m clfast``: Synaptic Intelligence on a two-task split of real Fashion-MNIST.
+"""``python -m clfast``: continual-learning experiments on real Fashion-MNIST with clfast's modules.
 
-Trains an MLP on classes 0-4, then 5-9 (a continuum ``ClassIncremental`` scenario), once plainly (finetune)
-and once with SI through clfast's fused SGD+SI step; prints the accuracy on each task after each task
-(task-incremental: logits masked to the task's classes; class-incremental: all 10 classes), and times one
-training step of hypnettorch's SI functions around ``torch.optim.SGD`` against clfast's fused step.
+Trains one model per method on a continuum scenario, evaluates every task after every epoch, and writes the
+accuracy matrices, curves, a summary table, ``results.json`` / CSV files and PNG plots to ``--out``. With no
+arguments it runs the demo: split Fashion-MNIST (5 tasks x 2 classes), finetune / replay / ewc / si / ocar /
+cbp, an MLP, one epoch per task.
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import json
+import os
+import sys
 import time
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from . import _ops
-from .data import load_fashion_mnist
-from .optim import SGD
-from .reference import si_hypnettorch
-from .si import SI
+from . import _ops, methods, models, scenarios
+from ._version import __version__
+
+DEMO_METHODS = "finetune,replay,ewc,si,ocar,cbp"
+PRESETS = {
+    # the seed notebook's protocol: its ConvNet, plain SGD lr 0.002, batch 256, 5 epochs per task
+    # (and its EWC importance 1000, OCAR regul 1e-2)
+    "seed": dict(model="basenet", lr=0.002, momentum=0.0, batch_size=256, epochs=5, ewc_lambda=1000.0,
+                 si_strength=1.0, ocar_damping=1e-2),
+    # momentum SGD for one epoch per task; strengths that stay stable at this step size
+    "demo": dict(model="mlp", lr=0.01, momentum=0.9, batch_size=128, epochs=1, ewc_lambda=100.0, si_strength=0.5,
+                 ocar_damping=0.1),
+}
 
 
-def make_mlp(hidden: int = 256, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                         nn.Linear(hidden, 10))
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m clfast", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--scenario", choices=scenarios.SCENARIOS, default="split")
+    p.add_argument("--methods", default=DEMO_METHODS,
+                   help=f"comma-separated; each one of {', '.join(methods.COMPONENTS)} or a '+' combination")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="demo",
+                   help="defaults for the model, optimizer, epochs and method strengths; explicit flags override them")
+    p.add_argument("--model", choices=sorted(models.MODELS), default=None)
+    p.add_argument("--epochs", type=int, default=None, help="epochs per task")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--momentum", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--tasks", type=int, default=5, help="number of tasks of the permuted scenario")
+    p.add_argument("--out", default="out", help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--backend", choices=_ops.BACKENDS, default=None, help="native kernels or pure-torch references")
+    p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
+    p.add_argument("--fraction", type=float, default=1.0, help="use this fraction of the data (quick runs)")
+    p.add_argument("--no-plots", action="store_true")
+    g = p.add_argument_group("method hyperparameters")
+    g.add_argument("--buffer-size", type=int, default=1000)
+    g.add_argument("--ewc-representation", choices=("diag", "kfac", "dense", "blockdiag", "ekfac"), default="diag")
+    g.add_argument("--ewc-mode", choices=("separate", "online"), default="separate")
+    g.add_argument("--ewc-lambda", type=float, default=None, help="EWC strength (the seed's `importance`)")
+    g.add_argument("--ewc-gamma", type=float, default=1.0)
+    g.add_argument("--fisher-samples", type=int, default=1000, help="samples of a task used for its Fisher")
+    g.add_argument("--si-strength", type=float, default=None)
+    g.add_argument("--si-epsilon", type=float, default=1e-3)
+    g.add_argument("--ocar-representation", choices=("kfac", "diag", "dense"), default="kfac")
+    g.add_argument("--ocar-fisher", choices=("exact", "ema"), default="ema")
+    g.add_argument("--ocar-damping", type=float, default=None)
+    g.add_argument("--ocar-refresh", type=int, default=10)
+    g.add_argument("--cbp-rate", type=float, default=1e-4)
+    g.add_argument("--cbp-maturity", type=int, default=100)
+    return p
 
 
-def two_task_split(data_dir: str | None) -> Tuple[list, list]:
-    """[(x [N, 1, 28, 28] float in 0..1, y [N], classes)] for train and test, via continuum."""
-    from continuum import ClassIncremental
-    from continuum.datasets import InMemoryDataset
-
-    x_tr, y_tr, x_te, y_te = load_fashion_mnist(data_dir)
-    out = []
-    for x, y in ((x_tr, y_tr), (x_te, y_te)):
-        scenario = ClassIncremental(InMemoryDataset(x, y), increment=5)
-        tasks = []
-        for taskset in scenario:
-            xs, ys, _ = taskset.get_raw_samples()
-            tasks.append((torch.from_numpy(np.ascontiguousarray(xs)).float().div_(255).unsqueeze(1),
-                          torch.from_numpy(ys.astype(np.int64)), sorted(set(ys.tolist()))))
-        out.append(tasks)
-    return out[0], out[1]
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = parser()
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.buffer_size < 1 or args.tasks < 1:
+        p.error("--epochs, --batch-size, --buffer-size and --tasks must be >= 1 and --lr > 0")
+    if not 0 < args.fraction <= 1:
+        p.error("--fraction must be in (0, 1]")
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not args.methods:
+        p.error("--methods is empty")
+    for m in args.methods:
+        try:
+            methods.parse(m)
+        except ValueError as exc:
+            p.error(str(exc))
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device is available")
+    return args
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: Sequence[int] | None) -> float:
-    logits = torch.cat([model(x[i:i + 2000]) for i in range(0, len(x), 2000)])
-    if classes is not None:  # task-incremental: only the task's own classes compete
-        mask = torch.full((logits.shape[1],), float("-inf"))
-        mask[list(classes)] = 0
-        logits = logits + mask
-    return float((logits.argmax(1) == y).float().mean())
+def evaluate(model, task: scenarios.Task, num_classes: int, device, task_il: bool) -> float:
+    model.eval()
+    correct = 0
+    mask = None
+    if task_il:  # only the task's own classes compete
+        mask = torch.full((num_classes,), float("-inf"), device=device)
+        mask[task.classes] = 0
+    for i in range(0, len(task.y), 2048):
+        logits = model(task.x[i:i + 2048].to(device))
+        if mask is not None:
+            logits = logits + mask
+        correct += int((logits.argmax(1).cpu() == task.y[i:i + 2048]).sum())
+    model.train()
+    return correct / max(1, len(task.y))
 
 
-def train(train_tasks, test_tasks, strength: float, epochs: int, lr: float, batch: int, seed: int):
-    """Returns (task-IL matrix, class-IL matrix): row t = accuracy on every task after training task t."""
-    model = make_mlp(seed=seed)
-    si = SI(model, strength=strength) if strength > 0 else None
-    opt = SGD(model.parameters(), lr=lr, momentum=0.9, si=si)
-    g = torch.Generator().manual_seed(seed)
-    til, cil = [], []
-    for x, y, _ in train_tasks:
-        for _ in range(epochs):
-            for idx in torch.randperm(len(x), generator=g).split(batch):
-                opt.zero_grad()
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-                if si is not None:
-                    loss = loss + si.penalty()
+def train_method(method: str, scenario: scenarios.Scenario, args: argparse.Namespace, progress=True) -> Dict:
+    from tqdm.auto import tqdm
+
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    model = models.make_model(args.model, scenario.num_classes).to(device)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    optimizer, parts = methods.build(method, model, args, gen)
+    forward = next((c.forward for c in parts if c.forward is not None), model)
+    order = torch.Generator().manual_seed(args.seed)
+    T = len(scenario.train)
+    acc = np.zeros((T, T))
+    acc_til = np.zeros((T, T))
+    curves: List[List[float]] = []  # per epoch (over the whole run): accuracy on every task
+    steps, train_time = 0, 0.0
+    for t, task in enumerate(scenario.train):
+        for epoch in range(args.epochs):
+            start = time.perf_counter()
+            batches = torch.randperm(len(task.y), generator=order).split(args.batch_size)
+            bar = tqdm(batches, desc=f"{method} task {t + 1}/{T} epoch {epoch + 1}/{args.epochs}", leave=False,
+                       disable=not progress)
+            for idx in bar:
+                x, y = task.x[idx].to(device), task.y[idx].to(device)
+                xs, ys = x, y
+                for c in parts:
+                    xs, ys = c.batch(xs, ys)
+                optimizer.zero_grad()
+                loss = F.cross_entropy(forward(xs), ys)
+                for c in parts:
+                    extra = c.penalty()
+                    if extra is not None:
+                        loss = loss + extra
                 loss.backward()
-                opt.step()
-        if si is not None:
-            si.consolidate()
-        til.append([accuracy(model, xt, yt, c) for xt, yt, c in test_tasks])
-        cil.append([accuracy(model, xt, yt, None) for xt, yt, c in test_tasks])
-    return til, cil
+                for c in parts:
+                    c.after_backward(xs, ys)
+                optimizer.step()
+                for c in parts:
+                    c.after_step(x, y)
+                steps += 1
+            train_time += time.perf_counter() - start
+            curves.append([evaluate(model, s, scenario.num_classes, device, False) for s in scenario.test])
+        start = time.perf_counter()
+        for c in parts:
+            c.end_task(task.x.to(device), task.y.to(device))
+        train_time += time.perf_counter() - start
+        acc[t] = curves[-1]
+        if scenario.task_il:
+            acc_til[t] = [evaluate(model, s, scenario.num_classes, device, True) for s in scenario.test]
+    result = {
+        "average_accuracy": float(acc[-1].mean()),
+        "bwt": float(np.mean([acc[-1, j] - acc[j, j] for j in range(T - 1)])) if T > 1 else 0.0,
+        "acc_matrix": acc.tolist(),
+        "curves": curves,
+        "wall_time_s": train_time,
+        "steps_per_s": steps / train_time if train_time else 0.0,
+        "steps": steps,
+    }
+    if scenario.task_il:
+        result["average_accuracy_task_il"] = float(acc_til[-1].mean())
+        result["bwt_task_il"] = float(np.mean([acc_til[-1, j] - acc_til[j, j] for j in range(T - 1)])) if T > 1 \
+            else 0.0
+        result["acc_matrix_task_il"] = acc_til.tolist()
+    ewc = next((c.ewc for c in parts if isinstance(c, methods.EWCComponent)), None)
+    result["_fisher"] = ewc.fishers[0] if ewc is not None and ewc.fishers else None
+    return result
 
 
-def time_si_step(hidden: int, batch: int, steps: int = 20) -> Tuple[float, float]:
-    """Seconds per SGD step with SI bookkeeping: hypnettorch's pre/post around torch.optim.SGD, and clfast's
-    fused step. The forward/backward is excluded: both sides start from the same gradients."""
-    results = []
-    for fused in (False, True):
-        model = make_mlp(hidden)
-        params = list(model.parameters())
-        x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
-        F.cross_entropy(model(x), y).backward()
-        if fused:
-            opt = SGD(params, lr=1e-3, si=SI(model))
-            step = opt.step
-        else:
-            opt = torch.optim.SGD(params, lr=1e-3)
-
-            def step():
-                si_hypnettorch.si_pre_optim_step(model, params)
-                opt.step()
-                si_hypnettorch.si_post_optim_step(model, params)
-        for _ in range(3):
-            step()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        results.append((time.perf_counter() - t0) / steps)
-    return results[0], results[1]
+def table(results: Dict[str, Dict], task_il: bool) -> str:
+    head = f"{'method':<16}{'avg acc':>9}{'avg TIL':>9}{'BWT':>8}{'time s':>9}{'steps/s':>9}"
+    lines = [head, "-" * len(head)]
+    for name, r in results.items():
+        til = f"{100 * r['average_accuracy_task_il']:8.1f}%" if task_il else f"{'-':>9}"
+        lines.append(f"{name:<16}{100 * r['average_accuracy']:8.1f}%{til}{100 * r['bwt']:7.1f}%"
+                     f"{r['wall_time_s']:9.1f}{r['steps_per_s']:9.1f}")
+    return "\n".join(lines)
 
 
-def _print_matrix(name: str, m: List[List[float]]) -> None:
-    print(f"  {name:<10}" + "".join(f"  task{j}" for j in range(len(m[0]))))
-    for t, row in enumerate(m):
-        print(f"  after t{t}  " + "".join(f"  {100 * a:5.1f}" for a in row))
+def write_outputs(out: str, results: Dict[str, Dict], config: Dict, task_il: bool, plots: bool) -> None:
+    os.makedirs(out, exist_ok=True)
+    fishers = {name: r.pop("_fisher") for name, r in results.items()}
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"config": config, "methods": results}, f, indent=1)
+    for name, r in results.items():
+        safe = name.replace("+", "_")
+        for key in ("acc_matrix", "acc_matrix_task_il", "curves"):
+            if key in r:
+                with open(os.path.join(out, f"{safe}_{key}.csv"), "w", newline="") as f:
+                    w = csv.writer(f)
+                    w.writerow([f"task{j}" for j in range(len(r[key][0]))])
+                    w.writerows([[f"{v:.4f}" for v in row] for row in r[key]])
+    with open(os.path.join(out, "summary.txt"), "w") as f:
+        f.write(table(results, task_il) + "\n")
+    if plots:
+        _plots(out, results, fishers)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m clfast", description=__doc__.split("\n")[0])
-    p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
-    p.add_argument("--epochs", type=int, default=1, help="epochs per task (default 1)")
-    p.add_argument("--strength", type=float, default=3.0, help="SI strength c (default 3)")
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", choices=_ops.BACKENDS, default=None, help="force native or reference ops")
-    args = p.parse_args(argv)
-    if args.epochs < 1 or args.batch < 1 or args.lr <= 0 or args.strength < 0:
-        p.error("--epochs and --batch must be >= 1, --lr > 0 and --strength >= 0")
+def _plots(out: str, results: Dict[str, Dict], fishers: Dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, r in results.items():
+        ax.plot(np.arange(1, len(r["curves"]) + 1), np.mean(r["curves"], axis=1), marker="o", label=name)
+    ax.set_xlabel("epoch (all tasks in sequence)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylabel("mean accuracy over all tasks")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "mean_accuracy.png"), dpi=120)
+    plt.close(fig)
+    n = len(results)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3), sharey=True, squeeze=False)
+    for ax, (name, r) in zip(axes[0], results.items()):
+        curves = np.array(r["curves"])
+        for j in range(curves.shape[1]):
+            ax.plot(np.arange(1, len(curves) + 1), curves[:, j], label=f"task {j}")
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "task_accuracy.png"), dpi=120)
+    plt.close(fig)
+    for name, fisher in fishers.items():
+        if fisher is None:
+            continue
+        images = _fisher_images(fisher)
+        fig, axes = plt.subplots(1, len(images), figsize=(4 * len(images), 3.6), squeeze=False)
+        for ax, (title, img) in zip(axes[0], images):
+            im = ax.imshow(img, cmap="viridis", aspect="auto")
+            ax.set_title(title, fontsize=9)
+            fig.colorbar(im, ax=ax)
+        fig.suptitle(f"{name}: Fisher of the first task")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, f"fisher_{name.replace('+', '_')}.png"), dpi=120)
+        plt.close(fig)
+
+
+def _fisher_images(fisher):
+    """What can be drawn of a Fisher: dense when small, else its first layer's blocks."""
+    data = fisher.data
+    if isinstance(data, dict):  # KFAC (A, G) or block-diagonal blocks, keyed by layer
+        lid, block = next(iter(data.items()))
+        if isinstance(block, tuple):
+            return [(f"layer {lid}: G", block[1].cpu().numpy()), (f"layer {lid}: A", block[0].cpu().numpy())]
+        return [(f"layer {lid} block", block[:512, :512].cpu().numpy())]
+    if isinstance(data, torch.Tensor) and data.dim() == 2:
+        return [("dense", data[:1024, :1024].cpu().numpy())]
+    if isinstance(data, torch.Tensor):  # diagonal: the first layer's weight entries, as its weight matrix
+        lid, layer = next(iter(fisher.generator.layer_collection.layers.items()))
+        w = layer.weight.size
+        return [(f"layer {lid} weight diagonal", data[:int(np.prod(w))].reshape(w[0], -1).cpu().numpy())]
+    return []
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
     if args.backend:
         _ops.set_backend(args.backend)
     try:
-        train_tasks, test_tasks = two_task_split(args.data_dir)
+        scenario = scenarios.build(args.scenario, args.data_dir, tasks=args.tasks, seed=args.seed,
+                                   fraction=args.fraction)
     except FileNotFoundError as exc:
-        p.exit(2, f"error: {exc}\n")
-    print(f"clfast SI demo: Fashion-MNIST, tasks {[t[2] for t in train_tasks]}, MLP 784-256-256-10, "
-          f"{args.epochs} epoch(s) per task, backend={_ops.backend()}")
-    for name, strength in (("finetune", 0.0), (f"SI c={args.strength:g}", args.strength)):
-        t0 = time.perf_counter()
-        til, cil = train(train_tasks, test_tasks, strength, args.epochs, args.lr, args.batch, args.seed)
-        print(f"{name}  ({time.perf_counter() - t0:.1f} s)  final average: task-IL {100 * np.mean(til[-1]):.1f}%"
-              f", class-IL {100 * np.mean(cil[-1]):.1f}%")
-        _print_matrix("task-IL", til)
-        _print_matrix("class-IL", cil)
-    seed_s, fused_s = time_si_step(hidden=2000, batch=128)
-    print(f"SI step on a 784-2000-2000-10 MLP (SGD update + SI accumulation, per step): hypnettorch "
-          f"pre+SGD+post {1e3 * seed_s:.1f} ms, clfast fused {1e3 * fused_s:.1f} ms -> {seed_s / fused_s:.1f}x")
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    config = {k: v for k, v in vars(args).items()}
+    config.update(version=__version__, backend=_ops.backend(), num_tasks=len(scenario.train),
+                  classes_per_task=[t.classes for t in scenario.train])
+    print(f"clfast {__version__}: {args.scenario} Fashion-MNIST, {len(scenario.train)} tasks, model {args.model}, "
+          f"{args.epochs} epoch(s) per task, SGD lr {args.lr} momentum {args.momentum}, batch {args.batch_size}, "
+          f"backend {_ops.backend()}, device {args.device}")
+    results = {}
+    for method in args.methods:
+        results[method] = train_method(method, scenario, args, progress=sys.stderr.isatty())
+        r = results[method]
+        til = f", task-IL {100 * r['average_accuracy_task_il']:.1f}%" if scenario.task_il else ""
+        print(f"  {method:<14} average accuracy {100 * r['average_accuracy']:.1f}%{til}, BWT {100 * r['bwt']:.1f}%, "
+              f"{r['wall_time_s']:.1f} s", flush=True)
+    print()
+    print(table(results, scenario.task_il))
+    write_outputs(args.out, results, config, scenario.task_il, plots=not args.no_plots)
+    print(f"\nresults, CSV files and plots in {os.path.abspath(args.out)}")
     return 0

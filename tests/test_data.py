@@ -48,19 +48,3 @@ def test_real_fashion_mnist():
     x_tr, y_tr, x_te, y_te = data.load_fashion_mnist()
     assert x_tr.shape == (60000, 28, 28) and x_te.shape == (10000, 28, 28)
     assert np.bincount(y_tr).tolist() == [6000] * 10 and np.bincount(y_te).tolist() == [1000] * 10
-
-
-def test_demo_end_to_end(fake_fmnist, capsys):
-    assert run.main(["--data-dir", str(fake_fmnist), "--batch", "64"]) == 0
-    out = capsys.readouterr().out
-    assert "tasks [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]" in out
-    assert out.count("after t1") == 4 and "SI c=3" in out and "x\n" in out
-
-
-def test_demo_bad_arguments(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        run.main(["--epochs", "0"])
-    assert e.value.code == 2
-    with pytest.raises(SystemExit) as e:
-        run.main(["--data-dir", str(tmp_path)])
-    assert e.value.code == 2 and "dataset-fashion-mnist" in capsys.readouterr().err

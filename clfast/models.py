@@ -1,0 +1,44 @@
+"""Models of the experiment runner: an MLP and the seed notebook's ConvNet."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+__all__ = ["MLP", "BaseNet", "make_model", "MODELS"]
+
+
+class MLP(nn.Sequential):
+    """``784 -> hidden -> hidden -> num_classes`` with ReLU, on flattened 28x28 images."""
+
+    def __init__(self, num_classes: int = 10, hidden: int = 256, in_features: int = 784) -> None:
+        super().__init__(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                         nn.ReLU(), nn.Linear(hidden, num_classes))
+
+
+class BaseNet(nn.Module):
+    """The seed notebook's ``Base_Net``: two 5x5 convolutions with max-pooling, then 80 -> 20 -> classes."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.relu = nn.ReLU()
+        self.conv1 = nn.Conv2d(1, 5, kernel_size=5)
+        self.conv2 = nn.Conv2d(5, 5, kernel_size=5)
+        self.maxpool2 = nn.MaxPool2d(kernel_size=2)
+        self.fc1 = nn.Linear(80, 20)
+        self.fc2 = nn.Linear(20, num_classes, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # x [B, 1, 28, 28] (or [B, 784])
+        x = x.view(-1, 1, 28, 28)
+        x = self.relu(self.maxpool2(self.conv1(x)))
+        x = self.relu(self.maxpool2(self.conv2(x)))
+        x = self.relu(self.fc1(x.view(-1, 80)))
+        return self.fc2(x)
+
+
+MODELS = {"mlp": MLP, "basenet": BaseNet}
+
+
+def make_model(name: str, num_classes: int) -> nn.Module:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+    return MODELS[name](num_classes=num_classes)

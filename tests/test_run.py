@@ -1,0 +1,80 @@
+"""The experiment runner end to end on a tiny generated Fashion-MNIST."""
+import json
+import os
+
+import pytest
+
+from clfast import run
+
+from test_data import fake_fmnist  # noqa: F401  (fixture)
+
+pytest.importorskip("continuum")
+
+QUICK = ["--epochs", "1", "--batch-size", "32", "--buffer-size", "50", "--fisher-samples", "64",
+         "--cbp-maturity", "5", "--cbp-rate", "0.01", "--no-plots"]
+
+
+def _run(tmp_path, data_dir, *extra, name="out"):
+    out = tmp_path / name
+    code = run.main(["--data-dir", str(data_dir), "--out", str(out), *QUICK, *extra])
+    assert code == 0
+    return json.loads((out / "results.json").read_text()), out
+
+
+def test_every_method_runs_and_writes_well_formed_results(tmp_path, fake_fmnist):  # noqa: F811
+    methods = "finetune,replay,ewc,si,ocar,cbp,cbp+replay,ewc+replay"
+    results, out = _run(tmp_path, fake_fmnist, "--methods", methods)
+    assert list(results["methods"]) == methods.split(",")
+    assert results["config"]["scenario"] == "split" and results["config"]["num_tasks"] == 5
+    for name, r in results["methods"].items():
+        assert len(r["acc_matrix"]) == 5 and all(len(row) == 5 for row in r["acc_matrix"])
+        assert 0 <= r["average_accuracy"] <= 1 and 0 <= r["average_accuracy_task_il"] <= 1
+        assert r["steps_per_s"] > 0 and r["wall_time_s"] > 0 and len(r["curves"]) == 5
+        assert (out / f"{name.replace('+', '_')}_acc_matrix.csv").exists()
+    assert (out / "summary.txt").read_text().count("\n") == len(methods.split(",")) + 2
+
+
+def test_seeded_rerun_is_identical(tmp_path, fake_fmnist):  # noqa: F811
+    a, _ = _run(tmp_path, fake_fmnist, "--methods", "replay,si,ocar", name="a")
+    b, _ = _run(tmp_path, fake_fmnist, "--methods", "replay,si,ocar", name="b")
+    for name in a["methods"]:
+        assert a["methods"][name]["acc_matrix"] == b["methods"][name]["acc_matrix"]
+
+
+def test_reference_backend_gives_the_same_accuracies(tmp_path, fake_fmnist):  # noqa: F811
+    native, _ = _run(tmp_path, fake_fmnist, "--methods", "replay,ewc,si,cbp", name="n")
+    ref, _ = _run(tmp_path, fake_fmnist, "--methods", "replay,ewc,si,cbp", "--backend", "reference", name="r")
+    for name in native["methods"]:
+        for x, y in zip(native["methods"][name]["acc_matrix"], ref["methods"][name]["acc_matrix"]):
+            assert x == pytest.approx(y, abs=0.03)
+
+
+def test_permuted_scenario_and_plots(tmp_path, fake_fmnist):  # noqa: F811
+    results, out = _run(tmp_path, fake_fmnist, "--scenario", "permuted", "--tasks", "3", "--methods", "ewc",
+                        "--ewc-representation", "kfac")
+    r = results["methods"]["ewc"]
+    assert len(r["acc_matrix"]) == 3 and "average_accuracy_task_il" not in r
+    out2 = tmp_path / "plots"
+    assert run.main(["--data-dir", str(fake_fmnist), "--out", str(out2), *QUICK[:-1], "--methods",
+                     "finetune,ewc"]) == 0
+    for png in ("mean_accuracy.png", "task_accuracy.png", "fisher_ewc.png"):
+        assert (out2 / png).stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "magic"], "unknown method part"),
+    (["--epochs", "0"], "must be >= 1"),
+    (["--scenario", "cifar"], "invalid choice"),
+    (["--methods", "ocar+replay"], "ocar already replays"),
+])
+def test_bad_cli_input_is_a_one_line_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        run.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1]
+
+
+def test_missing_data_is_a_clear_error(tmp_path, capsys):
+    assert run.main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
