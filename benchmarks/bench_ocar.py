@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import clfast
+from clfast.models import BaseNet
 from clfast.reference.buffer import ListDataBuffer
 from clfast.reference.ocar import seed_ours_step
 from clfast.testing import device_params, sync
@@ -17,19 +18,6 @@ from nngeometry.metrics import FIM  # noqa: E402
 from nngeometry.object import PMatKFAC, PVector  # noqa: E402
 
 pytestmark = pytest.mark.benchmark(min_rounds=5, max_time=2.0, warmup=True, warmup_iterations=1)
-
-
-class BaseNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.relu, self.pool = nn.ReLU(), nn.MaxPool2d(2)
-        self.conv1, self.conv2 = nn.Conv2d(1, 5, 5), nn.Conv2d(5, 5, 5)
-        self.fc1, self.fc2 = nn.Linear(80, 20), nn.Linear(20, 30, bias=False)
-
-    def forward(self, x):
-        x = self.relu(self.pool(self.conv1(x.view(-1, 1, 28, 28))))
-        x = self.relu(self.pool(self.conv2(x)))
-        return self.fc2(self.relu(self.fc1(x.view(-1, 80))))
 
 
 @pytest.fixture(params=device_params(), scope="module")
@@ -45,7 +33,7 @@ def _data(device, n=256, seed=0):
 @pytest.mark.parametrize("impl", ["nngeometry", "clfast_exact", "clfast_ema"])
 def test_kfac_solve(benchmark, device, impl):
     torch.manual_seed(0)
-    model = BaseNet().to(device)
+    model = BaseNet(num_classes=30).to(device)
     x, y = _data(device, 512)
     nn.functional.cross_entropy(model(x), y).backward()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=256)
@@ -74,7 +62,7 @@ def test_kfac_solve(benchmark, device, impl):
 @pytest.mark.parametrize("impl", ["seed_ours", "clfast_ema"])
 def test_step(benchmark, device, impl):
     torch.manual_seed(0)
-    model = BaseNet().to(device)
+    model = BaseNet(num_classes=30).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=2e-3)
     x, y = _data(device)
     if impl == "seed_ours":

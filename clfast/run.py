@@ -287,15 +287,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"clfast {__version__}: {args.scenario} Fashion-MNIST, {len(scenario.train)} tasks, model {args.model}, "
           f"{args.epochs} epoch(s) per task, SGD lr {args.lr} momentum {args.momentum}, batch {args.batch_size}, "
           f"backend {_ops.backend()}, device {args.device}")
-    results = {}
+    results, failed = {}, {}
     for method in args.methods:
-        results[method] = train_method(method, scenario, args, progress=sys.stderr.isatty())
-        r = results[method]
+        try:
+            r = train_method(method, scenario, args, progress=sys.stderr.isatty())
+        except (ValueError, FloatingPointError) as exc:  # e.g. a regulariser too stiff for the step size
+            failed[method] = f"{type(exc).__name__}: {exc}"
+            print(f"  {method:<14} failed: {failed[method]}", flush=True)
+            continue
+        results[method] = r
         til = f", task-IL {100 * r['average_accuracy_task_il']:.1f}%" if scenario.task_il else ""
         print(f"  {method:<14} average accuracy {100 * r['average_accuracy']:.1f}%{til}, BWT {100 * r['bwt']:.1f}%, "
               f"{r['wall_time_s']:.1f} s", flush=True)
+    config["failed"] = failed
+    if not results:
+        print("error: every method failed", file=sys.stderr)
+        return 1
     print()
     print(table(results, scenario.task_il))
     write_outputs(args.out, results, config, scenario.task_il, plots=not args.no_plots)
     print(f"\nresults, CSV files and plots in {os.path.abspath(args.out)}")
-    return 0
+    return 1 if failed else 0

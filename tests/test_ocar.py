@@ -10,7 +10,7 @@ pytest.importorskip("nngeometry")
 from nngeometry.metrics import FIM  # noqa: E402
 from nngeometry.object import PMatDense, PMatDiag, PMatKFAC, PVector  # noqa: E402
 
-from test_ewc import BaseNet  # noqa: E402
+from clfast.models import BaseNet  # noqa: E402
 
 REPS = {"kfac": PMatKFAC, "diag": PMatDiag, "dense": PMatDense}
 
@@ -31,7 +31,7 @@ def _batch(n, seed, image=(1, 4, 4), classes=5):
 def test_exact_mode_equals_nngeometry_solve(backend, rep, kind):
     if kind == "convnet" and rep == "dense":
         pytest.skip("dense on the ConvNet is slow; covered on the MLP")
-    model = _mlp() if kind == "mlp" else BaseNet()
+    model = _mlp() if kind == "mlp" else BaseNet(num_classes=30)
     shape, classes = ((1, 4, 4), 5) if kind == "mlp" else ((1, 28, 28), 30)
     x, y = _batch(24, 1, shape, classes)
     ocar = clfast.OCAR(model, clfast.ReservoirBuffer(10), torch.optim.SGD(model.parameters(), lr=0.0), rep,
@@ -48,7 +48,7 @@ def test_exact_mode_equals_nngeometry_solve(backend, rep, kind):
 
 @pytest.mark.parametrize("kind", ["mlp", "convnet"])
 def test_ema_factors_converge_to_nngeometry_factors(kind):
-    model = _mlp() if kind == "mlp" else BaseNet()
+    model = _mlp() if kind == "mlp" else BaseNet(num_classes=30)
     x, y = _batch(32, 2) if kind == "mlp" else _batch(16, 2, (1, 28, 28), 30)
     ocar = clfast.OCAR(model, clfast.ReservoirBuffer(10), torch.optim.SGD(model.parameters(), lr=0.0), "kfac",
                        fisher="ema", ema_decay=0.998, generator=torch.Generator().manual_seed(0))

@@ -78,3 +78,13 @@ def test_bad_cli_input_is_a_one_line_error(argv, message, capsys):
 def test_missing_data_is_a_clear_error(tmp_path, capsys):
     assert run.main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+
+
+def test_a_diverging_method_is_reported_and_the_others_still_run(tmp_path, fake_fmnist, capsys):  # noqa: F811
+    out = tmp_path / "div"
+    code = run.main(["--data-dir", str(fake_fmnist), "--out", str(out), *QUICK, "--methods", "finetune,si",
+                     "--si-strength", "1e12", "--lr", "0.5"])
+    assert code == 1
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["methods"]) == ["finetune"] and "NaN" in results["config"]["failed"]["si"]
+    assert "si             failed" in capsys.readouterr().out

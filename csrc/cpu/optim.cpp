@@ -47,10 +47,7 @@ void sgd_si_step_(at::TensorList params, at::TensorList grads, at::TensorList mo
               "clfast.sgd_si_step_: momentum != 0 needs one momentum buffer per parameter");
   ContigList p(params), g(grads), buf(momentum_buffers), o(omega);
   AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "sgd_si_step_", [&] {
-    const SgdHyper<scalar_t> h{static_cast<scalar_t>(lr),          static_cast<scalar_t>(momentum),
-                               static_cast<scalar_t>(1 - dampening), static_cast<scalar_t>(weight_decay),
-                               momentum != 0,                       nesterov,
-                               init_buffers,                        weight_decay != 0};
+    const auto h = make_sgd_hyper<scalar_t>(lr, momentum, dampening, weight_decay, nesterov, init_buffers);
     auto P = data_ptrs<scalar_t>(p.work), G = data_ptrs<scalar_t>(g.work);
     auto B = optional_ptrs<scalar_t>(buf, p.size()), O = optional_ptrs<scalar_t>(o, p.size());
     for_each_chunk(numels(p.work), [&, h](int64_t t, int64_t b, int64_t e) {  // h by value: no aliasing
@@ -83,15 +80,8 @@ void adam_si_step_(at::TensorList params, at::TensorList grads, at::TensorList e
                {"omega", omega, /*optional=*/true}});
   ContigList p(params), g(grads), m(exp_avg), v(exp_avg_sq), o(omega);
   AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "adam_si_step_", [&] {
-    // Scalars computed in double then cast, as torch does with Python floats.
-    const AdamHyper<scalar_t> h{static_cast<scalar_t>(1 - beta1),
-                                static_cast<scalar_t>(beta2),
-                                static_cast<scalar_t>(1 - beta2),
-                                static_cast<scalar_t>(eps),
-                                static_cast<scalar_t>(weight_decay),
-                                static_cast<scalar_t>(-(lr / bias_correction1)),
-                                static_cast<scalar_t>(std::sqrt(bias_correction2)),
-                                weight_decay != 0};
+    const auto h = make_adam_hyper<scalar_t>(lr, beta1, beta2, eps, weight_decay, bias_correction1,
+                                             bias_correction2);
     auto P = data_ptrs<scalar_t>(p.work), G = data_ptrs<scalar_t>(g.work), M = data_ptrs<scalar_t>(m.work),
          V = data_ptrs<scalar_t>(v.work);
     auto O = optional_ptrs<scalar_t>(o, p.size());

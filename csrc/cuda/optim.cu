@@ -60,10 +60,7 @@ void sgd_si_step_(at::TensorList params, at::TensorList grads, at::TensorList mo
   ContigList p(params), g(grads), buf(momentum_buffers), o(omega);
   const bool with_si = !o.empty();
   AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "sgd_si_step_", [&] {
-    const SgdHyper<scalar_t> h{static_cast<scalar_t>(lr),          static_cast<scalar_t>(momentum),
-                               static_cast<scalar_t>(1 - dampening), static_cast<scalar_t>(weight_decay),
-                               momentum != 0,                       nesterov,
-                               init_buffers,                        weight_decay != 0};
+    const auto h = make_sgd_hyper<scalar_t>(lr, momentum, dampening, weight_decay, nesterov, init_buffers);
     multi_tensor_apply<4>({p.work, g.work, h.use_momentum ? buf.work : p.work, with_si ? o.work : p.work},
                           SgdFn<scalar_t>(), h, with_si);
   });
@@ -84,14 +81,8 @@ void adam_si_step_(at::TensorList params, at::TensorList grads, at::TensorList e
   ContigList p(params), g(grads), m(exp_avg), v(exp_avg_sq), o(omega);
   const bool with_si = !o.empty();
   AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "adam_si_step_", [&] {
-    const AdamHyper<scalar_t> h{static_cast<scalar_t>(1 - beta1),
-                                static_cast<scalar_t>(beta2),
-                                static_cast<scalar_t>(1 - beta2),
-                                static_cast<scalar_t>(eps),
-                                static_cast<scalar_t>(weight_decay),
-                                static_cast<scalar_t>(-(lr / bias_correction1)),
-                                static_cast<scalar_t>(std::sqrt(bias_correction2)),
-                                weight_decay != 0};
+    const auto h = make_adam_hyper<scalar_t>(lr, beta1, beta2, eps, weight_decay, bias_correction1,
+                                             bias_correction2);
     multi_tensor_apply<5>({p.work, g.work, m.work, v.work, with_si ? o.work : p.work}, AdamFn<scalar_t>(), h,
                           with_si);
   });

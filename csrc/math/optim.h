@@ -14,6 +14,14 @@ struct SgdHyper {
   bool use_momentum, nesterov, init_buffers, weight_decayed;
 };
 
+// From the op's arguments; scalars are cast to T after double arithmetic, as torch does with Python floats.
+template <typename T>
+inline SgdHyper<T> make_sgd_hyper(double lr, double momentum, double dampening, double weight_decay, bool nesterov,
+                                  bool init_buffers) {
+  return {static_cast<T>(lr), static_cast<T>(momentum), static_cast<T>(1 - dampening), static_cast<T>(weight_decay),
+          momentum != 0,      nesterov,                 init_buffers,                 weight_decay != 0};
+}
+
 // Returns the new parameter value; updates the momentum buffer in place when momentum is used.
 template <typename T>
 C10_HOST_DEVICE inline T sgd_update(T param, T grad, T* buf, const SgdHyper<T>& h) {
@@ -31,6 +39,15 @@ struct AdamHyper {
   T one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, neg_step_size, bias_correction2_sqrt;
   bool weight_decayed;
 };
+
+template <typename T>
+inline AdamHyper<T> make_adam_hyper(double lr, double beta1, double beta2, double eps, double weight_decay,
+                                    double bias_correction1, double bias_correction2) {
+  return {static_cast<T>(1 - beta1),       static_cast<T>(beta2),
+          static_cast<T>(1 - beta2),       static_cast<T>(eps),
+          static_cast<T>(weight_decay),    static_cast<T>(-(lr / bias_correction1)),
+          static_cast<T>(std::sqrt(bias_correction2)), weight_decay != 0};
+}
 
 template <typename T>
 C10_HOST_DEVICE inline T adam_update(T param, T grad, T* exp_avg, T* exp_avg_sq, const AdamHyper<T>& h) {
