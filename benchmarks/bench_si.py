@@ -99,7 +99,7 @@ def test_kernel(benchmark, device, kernel):
     p = [q.detach() for q in net.parameters()]
     g = [q.grad for q in net.parameters()]
     mk = lambda: [torch.rand_like(q) for q in p]  # noqa: E731
-    a, b, c, d = mk(), mk(), mk(), mk()
+    a, b, c = mk(), mk(), mk()
     ops = torch.ops.clfast
     calls = {
         "copy": lambda: torch._foreach_copy_(a, p),

@@ -76,6 +76,7 @@ class OCAR:
         self.factors: Dict[str, List[Tensor]] = {}   # layer id -> [A, G] (ema mode)
         self._inverses: Optional[Tuple[List[Tensor], List[Tensor]]] = None
         self._hooks: list = []
+        self._collecting = False  # hooks record only inside forward()
         self._inputs: Dict[str, Tensor] = {}
         self._outputs: Dict[str, Tensor] = {}
         if fisher == "ema":
@@ -87,8 +88,6 @@ class OCAR:
             if torch.is_grad_enabled() and self._collecting:
                 self._inputs[lid], self._outputs[lid] = inputs[0].detach(), output
         return hook
-
-    _collecting = False
 
     def remove(self) -> None:
         for h in self._hooks:
@@ -143,21 +142,20 @@ class OCAR:
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(x))
         fisher = fim(self.model, loader, _representations()[self.representation], "classif_logits", x.device,
                      self._ewc.layer_collection)
+        if self.representation == "kfac":
+            self._invert([fisher.data[lid] for lid in self._ewc._modules])
+            self._apply_kfac(*self._inverses)
+            return
         with torch.no_grad():
             grads = [p.grad for p in params]
+            flat = torch.cat([g.reshape(-1) for g in grads])
             if self.representation == "diag":
-                flat = torch.cat([g.reshape(-1) for g in grads]) / (fisher.data + self.damping)
-                for g, part in zip(grads, torch.split(flat, [g.numel() for g in grads])):
-                    g.copy_(part.view_as(g))
-            elif self.representation == "dense":
-                eye = torch.eye(fisher.data.shape[0], dtype=fisher.data.dtype, device=fisher.data.device)
-                flat = torch.linalg.solve(fisher.data + self.damping * eye,
-                                          torch.cat([g.reshape(-1) for g in grads]))
-                for g, part in zip(grads, torch.split(flat, [g.numel() for g in grads])):
-                    g.copy_(part.view_as(g))
+                flat = flat / (fisher.data + self.damping)
             else:
-                self._invert([fisher.data[lid] for lid in self._ewc._modules])
-                self._apply_kfac(*self._inverses)
+                eye = torch.eye(len(flat), dtype=flat.dtype, device=flat.device)
+                flat = torch.linalg.solve(fisher.data + self.damping * eye, flat)
+            for g, part in zip(grads, torch.split(flat, [g.numel() for g in grads])):
+                g.copy_(part.view_as(g))
 
     def _invert(self, factors: List) -> None:
         inv = [kfac_inverse(a, g, self.damping) for a, g in factors]

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from clfast import data, run
+from clfast import data
 
 
 def _write_idx(path, array):

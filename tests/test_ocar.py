@@ -53,10 +53,7 @@ def test_ema_factors_converge_to_nngeometry_factors(kind):
     ocar = clfast.OCAR(model, clfast.ReservoirBuffer(10), torch.optim.SGD(model.parameters(), lr=0.0), "kfac",
                        fisher="ema", ema_decay=0.998, generator=torch.Generator().manual_seed(0))
     for _ in range(1500):  # fixed batch and parameters: the running factors average sampled-label estimates
-        ocar._collecting = True
-        out = model(x)
-        ocar._collecting = False
-        ocar._update_factors(out)
+        ocar.forward(x)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(x))
     exact = FIM(model, loader, PMatKFAC, variant="classif_logits", device="cpu").data
     for lid, (a, g) in exact.items():

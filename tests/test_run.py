@@ -1,6 +1,5 @@
 """The experiment runner end to end on a tiny generated Fashion-MNIST."""
 import json
-import os
 
 import pytest
 
