@@ -95,8 +95,7 @@ class OCARComponent(Component):
         self.ocar.precondition_(xs, ys)
 
     def after_step(self, x, y):
-        self.ocar.buffer.add(x, y)
-        self.ocar.steps += 1
+        self.ocar.end_step(x, y)
 
 
 class CBPComponent(Component):

@@ -103,9 +103,13 @@ class OCAR:
         loss.backward()
         self.precondition_(xs, ys)
         self.optimizer.step()
+        self.end_step(x, y)
+        return loss.detach()
+
+    def end_step(self, x: Tensor, y: Tensor) -> None:
+        """After the optimizer step: the current batch joins the buffer; the factor refresh clock ticks."""
         self.buffer.add(x, y)
         self.steps += 1
-        return loss.detach()
 
     def replay(self, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
         """The batch with as many buffer items appended (the batch alone while the buffer is empty)."""
