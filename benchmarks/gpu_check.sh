@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU and no network (torch + CUDA, pytest, ninja already installed): build
 # clfast in place, run the CUDA tests and the GPU benchmarks, and write one log to commit under
-# benchmarks/results/. pytest-benchmark is taken from wheels in .whl/ when the machine lacks it:
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl pytest-benchmark py-cpuinfo
+# benchmarks/results/. Packages the machine lacks are taken from wheels in .whl/ (carried with the tree):
+# pytest-benchmark and py-cpuinfo for the benchmarks, nngeometry for the EWC/OCAR ones, e.g.
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+#       pytest-benchmark py-cpuinfo nngeometry==0.4
 # Usage: benchmarks/gpu_check.sh [LOG]   (default benchmarks/results/gpu_check-<date>.log)
 set -uo pipefail
 cd "$(dirname "$0")/.."
