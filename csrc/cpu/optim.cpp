@@ -8,6 +8,8 @@
 #include "../math/si.h"
 #include "multi_tensor.h"
 
+#include <type_traits>
+
 namespace clfast::cpu {
 namespace {
 
@@ -53,7 +55,10 @@ void sgd_si_step_(at::TensorList params, at::TensorList grads, at::TensorList mo
     for_each_chunk(numels(p.work), [&, h](int64_t t, int64_t b, int64_t e) {  // h by value: no aliasing
       scalar_t* __restrict__ bb = B[t];
       if (bb == nullptr) {
-        step_chunk(b, e, P[t], G[t], O[t], [&](int64_t, scalar_t x, scalar_t d) { return sgd_update(x, d, static_cast<scalar_t*>(nullptr), h); });
+        step_chunk(b, e, P[t], G[t], O[t], [&](int64_t, scalar_t x, scalar_t d) {
+          scalar_t unused;  // a local, not nullptr: the store is then branch-free and the loop vectorises
+          return sgd_update(x, d, &unused, h);
+        });
       } else {
         step_chunk(b, e, P[t], G[t], O[t], [&](int64_t i, scalar_t x, scalar_t d) {
           scalar_t m = bb[i];
@@ -85,16 +90,26 @@ void adam_si_step_(at::TensorList params, at::TensorList grads, at::TensorList e
     auto P = data_ptrs<scalar_t>(p.work), G = data_ptrs<scalar_t>(g.work), M = data_ptrs<scalar_t>(m.work),
          V = data_ptrs<scalar_t>(v.work);
     auto O = optional_ptrs<scalar_t>(o, p.size());
-    for_each_chunk(numels(p.work), [&, h](int64_t t, int64_t b, int64_t e) {  // h by value: no aliasing
-      scalar_t *__restrict__ mm = M[t], *__restrict__ vv = V[t];
-      step_chunk(b, e, P[t], G[t], O[t], [&](int64_t i, scalar_t x, scalar_t d) {
-        scalar_t m1 = mm[i], v1 = vv[i];
-        const scalar_t now = adam_update(x, d, &m1, &v1, h);
-        mm[i] = m1;
-        vv[i] = v1;
-        return now;
+    auto run = [&](auto decay, auto low_lerp) {
+      for_each_chunk(numels(p.work), [&, h](int64_t t, int64_t b, int64_t e) {  // h by value: no aliasing
+        scalar_t *__restrict__ mm = M[t], *__restrict__ vv = V[t];
+        step_chunk(b, e, P[t], G[t], O[t], [&](int64_t i, scalar_t x, scalar_t d) {
+          scalar_t m1 = mm[i], v1 = vv[i];
+          const scalar_t now = adam_update_t<decltype(decay)::value, decltype(low_lerp)::value>(x, d, &m1, &v1, h);
+          mm[i] = m1;
+          vv[i] = v1;
+          return now;
+        });
       });
-    });
+    };
+    using yes = std::true_type;
+    using no = std::false_type;
+    const bool low = h.one_minus_beta1 < scalar_t(0.5);
+    if (h.weight_decayed) {
+      low ? run(yes{}, yes{}) : run(yes{}, no{});
+    } else {
+      low ? run(no{}, yes{}) : run(no{}, no{});
+    }
   });
   p.finish();
   m.finish();

@@ -49,18 +49,36 @@ inline AdamHyper<T> make_adam_hyper(double lr, double beta1, double beta2, doubl
           static_cast<T>(std::sqrt(bias_correction2)), weight_decay != 0};
 }
 
-template <typename T>
-C10_HOST_DEVICE inline T adam_update(T param, T grad, T* exp_avg, T* exp_avg_sq, const AdamHyper<T>& h) {
-  const T g = h.weight_decayed ? grad + h.weight_decay * param : grad;
+// kDecay: weight decay is on; kLowLerp: 1 - beta1 < 0.5 (which side of torch's lerp formula applies). As
+// template flags the CPU loop has no branches left and vectorises.
+template <bool kDecay, bool kLowLerp, typename T>
+C10_HOST_DEVICE inline T adam_update_t(T param, T grad, T* exp_avg, T* exp_avg_sq, const AdamHyper<T>& h) {
+  T g = grad;
+  if constexpr (kDecay) g = grad + h.weight_decay * param;
   // exp_avg.lerp_(g, 1 - beta1), with torch's two-sided lerp formula.
   const T m0 = *exp_avg, w = h.one_minus_beta1;
-  const T m = w < T(0.5) ? m0 + w * (g - m0) : g - (g - m0) * (T(1) - w);
+  T m;
+  if constexpr (kLowLerp) {
+    m = m0 + w * (g - m0);
+  } else {
+    m = g - (g - m0) * (T(1) - w);
+  }
   // exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
   const T v = *exp_avg_sq * h.beta2 + h.one_minus_beta2 * g * g;
   *exp_avg = m;
   *exp_avg_sq = v;
   const T denom = std::sqrt(v) / h.bias_correction2_sqrt + h.eps;
   return param + h.neg_step_size * (m / denom);
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T adam_update(T param, T grad, T* exp_avg, T* exp_avg_sq, const AdamHyper<T>& h) {
+  const bool low = h.one_minus_beta1 < T(0.5);
+  if (h.weight_decayed)
+    return low ? adam_update_t<true, true>(param, grad, exp_avg, exp_avg_sq, h)
+               : adam_update_t<true, false>(param, grad, exp_avg, exp_avg_sq, h);
+  return low ? adam_update_t<false, true>(param, grad, exp_avg, exp_avg_sq, h)
+             : adam_update_t<false, false>(param, grad, exp_avg, exp_avg_sq, h);
 }
 
 }  // namespace clfast
