@@ -56,7 +56,7 @@ void sgd_si_step_(at::TensorList params, at::TensorList grads, at::TensorList mo
       scalar_t* __restrict__ bb = B[t];
       if (bb == nullptr) {
         step_chunk(b, e, P[t], G[t], O[t], [&](int64_t, scalar_t x, scalar_t d) {
-          scalar_t unused;  // a local, not nullptr: the store is then branch-free and the loop vectorises
+          scalar_t unused = 0;  // a local, not nullptr: the store is branch-free and the loop vectorises
           return sgd_update(x, d, &unused, h);
         });
       } else {
