@@ -15,21 +15,28 @@ namespace {
 
 constexpr auto kCPU = c10::DeviceType::CPU;
 
-// One chunk of a fused step: p[i] = update(i, p[i], g[i]) and, with SI, omega += (new - old) * (-g). The
-// update keeps optimizer state in locals and stores it itself, so the loop has no aliasing the compiler must
-// assume and vectorises.
-template <typename T, typename Update>
-inline void step_chunk(int64_t b, int64_t e, T* __restrict__ p, const T* __restrict__ g, T* __restrict__ om,
-                       const Update& update) {
-  if (om == nullptr) {
-    for (int64_t i = b; i < e; ++i) p[i] = update(i, p[i], g[i]);
-  } else {
-    for (int64_t i = b; i < e; ++i) {
-      const T old = p[i], grad = g[i], now = update(i, old, grad);
-      p[i] = now;
-      om[i] = si_accumulate(om[i], now - old, grad);
-    }
+// One chunk of a fused step: p[i] = update(p[i], g[i], s1[i], s2[i]) with kStates optimizer-state arrays
+// (momentum; exp_avg and exp_avg_sq) and, with kOmega, omega += (new - old) * (-g). Every array is a restrict
+// parameter and every flag a template argument, so the loop has no branches or alias checks and vectorises.
+template <int kStates, bool kOmega, typename T, typename Update>
+inline void step_chunk(int64_t b, int64_t e, T* __restrict__ p, const T* __restrict__ g, T* __restrict__ s1,
+                       T* __restrict__ s2, T* __restrict__ om, const Update& update) {
+  for (int64_t i = b; i < e; ++i) {
+    T a = T(0), c = T(0);
+    if constexpr (kStates > 0) a = s1[i];
+    if constexpr (kStates > 1) c = s2[i];
+    const T old = p[i], grad = g[i], now = update(old, grad, a, c);
+    p[i] = now;
+    if constexpr (kStates > 0) s1[i] = a;
+    if constexpr (kStates > 1) s2[i] = c;
+    if constexpr (kOmega) om[i] = si_accumulate(om[i], now - old, grad);
   }
+}
+
+// Runs f(std::integral_constant<bool, b>) for a runtime flag.
+template <typename F>
+inline void with_flag(bool b, const F& f) {
+  b ? f(std::true_type{}) : f(std::false_type{});
 }
 
 template <typename T>
@@ -52,21 +59,15 @@ void sgd_si_step_(at::TensorList params, at::TensorList grads, at::TensorList mo
     const auto h = make_sgd_hyper<scalar_t>(lr, momentum, dampening, weight_decay, nesterov, init_buffers);
     auto P = data_ptrs<scalar_t>(p.work), G = data_ptrs<scalar_t>(g.work);
     auto B = optional_ptrs<scalar_t>(buf, p.size()), O = optional_ptrs<scalar_t>(o, p.size());
-    for_each_chunk(numels(p.work), [&, h](int64_t t, int64_t b, int64_t e) {  // h by value: no aliasing
-      scalar_t* __restrict__ bb = B[t];
-      if (bb == nullptr) {
-        step_chunk(b, e, P[t], G[t], O[t], [&](int64_t, scalar_t x, scalar_t d) {
-          scalar_t unused = 0;  // a local, not nullptr: the store is branch-free and the loop vectorises
-          return sgd_update(x, d, &unused, h);
+    with_flag(!o.empty(), [&](auto with_si) {
+      with_flag(h.use_momentum, [&](auto with_momentum) {
+        constexpr int kStates = decltype(with_momentum)::value ? 1 : 0;
+        for_each_chunk(numels(p.work), [&, h](int64_t t, int64_t b, int64_t e) {  // h by value: no aliasing
+          step_chunk<kStates, decltype(with_si)::value>(
+              b, e, P[t], G[t], B[t], B[t], O[t],
+              [&](scalar_t x, scalar_t d, scalar_t& m, scalar_t&) { return sgd_update(x, d, &m, h); });
         });
-      } else {
-        step_chunk(b, e, P[t], G[t], O[t], [&](int64_t i, scalar_t x, scalar_t d) {
-          scalar_t m = bb[i];
-          const scalar_t now = sgd_update(x, d, &m, h);
-          bb[i] = m;
-          return now;
-        });
-      }
+      });
     });
   });
   p.finish();
@@ -90,26 +91,18 @@ void adam_si_step_(at::TensorList params, at::TensorList grads, at::TensorList e
     auto P = data_ptrs<scalar_t>(p.work), G = data_ptrs<scalar_t>(g.work), M = data_ptrs<scalar_t>(m.work),
          V = data_ptrs<scalar_t>(v.work);
     auto O = optional_ptrs<scalar_t>(o, p.size());
-    auto run = [&](auto decay, auto low_lerp) {
-      for_each_chunk(numels(p.work), [&, h](int64_t t, int64_t b, int64_t e) {  // h by value: no aliasing
-        scalar_t *__restrict__ mm = M[t], *__restrict__ vv = V[t];
-        step_chunk(b, e, P[t], G[t], O[t], [&](int64_t i, scalar_t x, scalar_t d) {
-          scalar_t m1 = mm[i], v1 = vv[i];
-          const scalar_t now = adam_update_t<decltype(decay)::value, decltype(low_lerp)::value>(x, d, &m1, &v1, h);
-          mm[i] = m1;
-          vv[i] = v1;
-          return now;
+    with_flag(!o.empty(), [&](auto with_si) {
+      with_flag(h.weight_decayed, [&](auto decay) {
+        with_flag(h.one_minus_beta1 < scalar_t(0.5), [&](auto low_lerp) {
+          for_each_chunk(numels(p.work), [&, h](int64_t t, int64_t b, int64_t e) {  // h by value: no aliasing
+            step_chunk<2, decltype(with_si)::value>(
+                b, e, P[t], G[t], M[t], V[t], O[t], [&](scalar_t x, scalar_t d, scalar_t& m1, scalar_t& v1) {
+                  return adam_update_t<decltype(decay)::value, decltype(low_lerp)::value>(x, d, &m1, &v1, h);
+                });
+          });
         });
       });
-    };
-    using yes = std::true_type;
-    using no = std::false_type;
-    const bool low = h.one_minus_beta1 < scalar_t(0.5);
-    if (h.weight_decayed) {
-      low ? run(yes{}, yes{}) : run(yes{}, no{});
-    } else {
-      low ? run(no{}, yes{}) : run(no{}, no{});
-    }
+    });
   });
   p.finish();
   m.finish();
