@@ -65,17 +65,15 @@ at::Tensor si_penalty(at::TensorList importance, at::TensorList prev, at::Tensor
     auto I = data_ptrs<scalar_t>(imp.work), V = data_ptrs<scalar_t>(pr.work), P = data_ptrs<scalar_t>(p.work);
     const double total = sum_chunks(numels(p.work), [&](int64_t t, int64_t b, int64_t e) {
       const scalar_t *__restrict__ im = I[t], *__restrict__ pv = V[t], *__restrict__ pp = P[t];
-      // Blocks of 256 terms summed in eight scalar_t lanes (vectorisable, short enough to stay exact to
-      // float rounding), each block added to a double.
+      // Blocks of 256 terms summed in scalar_t by a SIMD reduction (short enough to stay exact to float
+      // rounding), each block added to a double.
       double acc = 0.0;
       for (int64_t blk = b; blk < e; blk += 256) {
         const int64_t end = std::min(e, blk + 256);
-        scalar_t lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        int64_t i = blk;
-        for (; i + 8 <= end; i += 8)
-          for (int k = 0; k < 8; ++k) lane[k] += si_penalty_term(im[i + k], pp[i + k], pv[i + k]);
-        for (; i < end; ++i) lane[0] += si_penalty_term(im[i], pp[i], pv[i]);
-        acc += static_cast<double>(((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7])));
+        scalar_t s = 0;
+        _Pragma("omp simd reduction(+ : s)")  // _Pragma: this code is inside the dispatch macro
+        for (int64_t i = blk; i < end; ++i) s += si_penalty_term(im[i], pp[i], pv[i]);
+        acc += static_cast<double>(s);
       }
       return acc;
     });
