@@ -7,15 +7,10 @@ import torch
 import clfast
 from clfast.buffer import ReservoirBuffer
 from clfast.reference.buffer import ListDataBuffer
-from clfast.testing import device_params, sync
+from clfast.testing import sync
 
 pytestmark = pytest.mark.benchmark(min_rounds=20, max_time=2.0, warmup=True, warmup_iterations=3)
 CAPACITY, BATCH = 10_000, 256
-
-
-@pytest.fixture(params=device_params(), scope="module")
-def device(request):
-    return request.param
 
 
 def _batch(device, g):

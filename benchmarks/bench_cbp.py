@@ -7,15 +7,10 @@ from torch import nn
 
 import clfast
 from clfast.reference.cbp_clarena import CLArenaCBP
-from clfast.testing import device_params, sync
+from clfast.testing import sync
 
 pytestmark = pytest.mark.benchmark(min_rounds=10, max_time=2.0, warmup=True, warmup_iterations=2)
 SIZES = (784, 2000, 2000, 2000, 10)
-
-
-@pytest.fixture(params=device_params(), scope="module")
-def device(request):
-    return request.param
 
 
 def _setup(device):

@@ -6,17 +6,12 @@ import torch
 from torch import nn
 
 import clfast
-from clfast.testing import device_params, sync
+from clfast.testing import sync
 
 pytest.importorskip("nngeometry")
 from nngeometry.object import PVector  # noqa: E402
 
 pytestmark = pytest.mark.benchmark(min_rounds=10, max_time=2.0, warmup=True, warmup_iterations=2)
-
-
-@pytest.fixture(params=device_params(), scope="module")
-def device(request):
-    return request.param
 
 
 _CACHE = {}

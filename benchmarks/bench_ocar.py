@@ -11,18 +11,13 @@ import clfast
 from clfast.models import BaseNet
 from clfast.reference.buffer import ListDataBuffer
 from clfast.reference.ocar import seed_ours_step
-from clfast.testing import device_params, sync
+from clfast.testing import sync
 
 pytest.importorskip("nngeometry")
 from nngeometry.metrics import FIM  # noqa: E402
 from nngeometry.object import PMatKFAC, PVector  # noqa: E402
 
 pytestmark = pytest.mark.benchmark(min_rounds=5, max_time=2.0, warmup=True, warmup_iterations=1)
-
-
-@pytest.fixture(params=device_params(), scope="module")
-def device(request):
-    return request.param
 
 
 def _data(device, n=256, seed=0):

@@ -16,9 +16,9 @@ import clfast
 from clfast import si as csi
 from clfast.reference import si_hypnettorch as seed
 
-from clfast.testing import device_params, sync
+from clfast.testing import needs_native, sync
 
-pytestmark = pytest.mark.benchmark(min_rounds=20, max_time=2.0, warmup=True, warmup_iterations=3)
+pytestmark = [pytest.mark.benchmark(min_rounds=20, max_time=2.0, warmup=True, warmup_iterations=3), needs_native]
 
 SIZES = (784, 2000, 2000, 2000, 10)
 
@@ -32,13 +32,6 @@ def _mlp(device):
     for p in net.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     return net
-
-
-@pytest.fixture(params=device_params(), scope="module")
-def device(request):
-    if request.param == "cpu" and not clfast.native_available():
-        pytest.skip("native extension not built")
-    return request.param
 
 
 def _numel(net):

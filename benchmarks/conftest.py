@@ -1,7 +1,17 @@
-"""The closing table of ratios against the baseline
-measured in the same run (each benchmark names its baseline in ``extra_info``)."""
+"""Benchmarks' shared ``device`` fixture, and the closing table of ratios against the baseline measured in
+the same run (each benchmark names its baseline in ``extra_info``)."""
 import json
 import os
+
+import pytest
+
+from clfast.testing import device_params
+
+
+@pytest.fixture(params=device_params(), scope="module")
+def device(request):
+    """cpu, and cuda where a GPU is present."""
+    return request.param
 
 
 def pytest_terminal_summary(terminalreporter, config):
