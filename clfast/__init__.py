@@ -6,12 +6,12 @@ or ``CLFAST_BACKEND=reference`` forces the references.
 """
 from ._ops import backend, native_available, set_backend
 from ._version import __version__
-from . import optim, si
+from . import nn, optim, si
 from .si import SI
 from .cbp import CBP
 from .buffer import DataBuffer, ReservoirBuffer
 from .ewc import EWC
 from .ocar import OCAR
 
-__all__ = ["__version__", "backend", "set_backend", "native_available", "si", "SI", "optim", "CBP",
+__all__ = ["__version__", "backend", "set_backend", "native_available", "nn", "si", "SI", "optim", "CBP",
            "ReservoirBuffer", "DataBuffer", "EWC", "OCAR"]

@@ -173,6 +173,35 @@ def reservoir_add_(storage: List[Tensor], batch: List[Tensor], draws: Tensor, nu
     _op("reservoir_add_")(storage, batch, draws, int(num_seen))
 
 
+# ---- DAN ------------------------------------------------------------------------------------------------------
+
+# Activation codes of the native DAN kernels (csrc/math/act.h) and the functions the reference applies for them.
+DAN_ACTIVATIONS = {
+    0: lambda h: h,
+    1: torch.tanh,
+    2: torch.relu,
+    3: torch.sigmoid,
+    4: torch.nn.functional.gelu,
+    5: lambda h: torch.nn.functional.gelu(h, approximate="tanh"),
+}
+
+
+def dan_layer(x: Tensor, params: Sequence[Optional[Tensor]], stats: Sequence[Tensor], training: bool,
+              momentum: float, eps: float, act: int) -> Tensor:
+    """One DAN layer of N neurons (see ``clfast.reference.dan.dan_layer`` for shapes): ``params`` = (bn1_weight,
+    bn1_bias, weight1, bias1, bn2_weight, bn2_bias, weight2, bias2, weight3, bias3), ``stats`` = (running_mean1,
+    running_var1, num_batches1, running_mean2, running_var2, num_batches2), updated in place when training."""
+    if _backend != "native":
+        return reference.dan_layer(x, *params, *stats, training, momentum, eps, DAN_ACTIVATIONS[act])
+    rm1, rv1, nb1, rm2, rv2, nb2 = stats
+    running = (None, None, None, None) if training else (rm1, rv1, rm2, rv2)
+    out, saved = torch.ops.clfast.dan_layer_forward(x, *params, *running, float(eps), int(act))
+    if training:
+        torch.ops.clfast.dan_bn_update_(rm1, rv1, nb1, rm2, rv2, nb2, saved[7], saved[8], saved[9], saved[10],
+                                        float(momentum), x.shape[-2])
+    return out
+
+
 # ---- fake (meta) kernels and autograd for the native ops --------------------------------------------------------
 
 if native_available():
@@ -243,3 +272,28 @@ if native_available():
         return [None] * len(grads), [None] * len(grads), grads
 
     torch.library.register_autograd("clfast::kron_quadratic", _kron_backward, setup_context=_kron_setup)
+
+    @torch.library.register_fake("clfast::dan_layer_forward")
+    def _(x, g1, b1, w1, c1, g2, b2, w2, c2, w3, c3, rm1, rv1, rm2, rv2, eps, act):
+        (n, nf, ni), no, batch, training = w1.shape, w3.shape[1], x.shape[-2], rm1 is None
+        stats = lambda c: x.new_empty((c,) if training else (0,))  # noqa: E731
+        g = n if x.dim() == 3 else 1
+        z1 = x.new_empty((n, batch, nf) if x.dim() == 3 else (batch, n * nf))
+        z2 = x.new_empty((n, batch, nf) if act in (4, 5) else (0,))  # kept for GELU's backward only
+        saved = [x.new_empty(x.shape if training else (0,)), z1, x.new_empty((n, batch, nf)), z2,
+                 x.new_empty((n, batch, nf)), x.new_empty((n, nf, ni)),
+                 x.new_empty((n, nf, nf)), stats(g * ni), stats(g * ni), stats(n * nf), stats(n * nf)]
+        return x.new_empty((batch, n * no)), saved
+
+    @torch.library.register_fake("clfast::dan_layer_backward")
+    def _(grad_out, x, g1, b1, w1, g2, b2, w2, w3, rm1, rv1, rm2, rv2, saved, eps, act, input_grad):
+        n, nf = w1.shape[:2]
+        return [x.new_empty(x.shape if input_grad else (0,)), torch.empty_like(g1), torch.empty_like(b1),
+                torch.empty_like(w1), x.new_empty((n, nf)), torch.empty_like(g2), torch.empty_like(b2),
+                torch.empty_like(w2), x.new_empty((n, nf)), torch.empty_like(w3), x.new_empty((n, w3.shape[1]))]
+
+    @torch.library.register_fake("clfast::dan_bn_update_")
+    def _(rm1, rv1, nb1, rm2, rv2, nb2, mean1, var1, mean2, var2, momentum, batch):
+        return None
+
+    # dan_layer_forward's autograd is registered in C++ (csrc/dan.cpp).

@@ -1,9 +1,11 @@
-"""Models of the experiment runner: an MLP and the seed notebook's ConvNet."""
+"""Models of the experiment runner: an MLP, the seed notebook's ConvNet, and the DAN notebook's network."""
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["MLP", "BaseNet", "make_model", "MODELS"]
+from .nn import DAN as _DAN
+
+__all__ = ["MLP", "BaseNet", "DANClassifier", "make_model", "MODELS"]
 
 
 class MLP(nn.Sequential):
@@ -35,7 +37,14 @@ class BaseNet(nn.Module):
         return self.fc2(x)
 
 
-MODELS = {"mlp": MLP, "basenet": BaseNet}
+class DANClassifier(nn.Sequential):
+    """The DAN notebook's three-layer DAN (``clfast.nn.DAN``, Tanh) on flattened 28x28 images."""
+
+    def __init__(self, num_classes: int = 10, in_features: int = 784) -> None:
+        super().__init__(nn.Flatten(), _DAN(in_features, num_classes))
+
+
+MODELS = {"mlp": MLP, "basenet": BaseNet, "dan": DANClassifier}
 
 
 def make_model(name: str, num_classes: int) -> nn.Module:

@@ -25,3 +25,6 @@ __all__ += ["reservoir_add_"]
 from .ewc import kron_mv, kron_quadratic  # noqa: E402
 
 __all__ += ["kron_quadratic", "kron_mv"]
+from .dan import dan_layer  # noqa: E402
+
+__all__ += ["dan_layer"]

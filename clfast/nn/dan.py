@@ -1,0 +1,335 @@
+"""Deep Artificial Neuron (DAN) layers on fused ops.
+
+A DAN layer is N small MLPs ("neurons", each ``BN -> Linear -> act -> BN -> Linear -> act -> Linear``) reading
+the same input. The seed notebook runs them as a Python loop of ``nn.Sequential``; here each layer keeps its
+parameters stacked (``[N, ...]``) and runs as one fused op forward and one backward (``clfast::dan_layer_*``):
+the first Linear of all neurons is one GEMM, the others are batched over neurons, and BatchNorm and the
+activation are folded into the passes around them.
+
+``Neuron``, ``DANLayer`` and ``DAN`` take the seed's constructor arguments, draw the same initial parameters
+from the same seed, and compute the same outputs, gradients and BatchNorm running statistics.
+``from_reference`` / ``to_reference`` convert from and to the seed's modules, and ``load_state_dict`` accepts
+the seed's layout (``neurons.{i}.core.{0..6}.*``).
+
+``VECDAN`` is the paper's network (Camp, Mandivarapu, Estrada, arXiv 2011.07035): one neuron "phenotype" shared
+by every neuron, and vectorised synapses that give each neuron its own input vector mixed from all outputs of
+the previous layer. It runs on the same fused op.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import _ops
+from ..reference import dan as _seed
+
+__all__ = ["Neuron", "DANLayer", "DAN", "VECDAN", "activation_code"]
+
+PARAMS = ("bn1_weight", "bn1_bias", "weight1", "bias1", "bn2_weight", "bn2_bias", "weight2", "bias2", "weight3",
+          "bias3")
+STATS = ("bn1_running_mean", "bn1_running_var", "bn1_num_batches_tracked", "bn2_running_mean", "bn2_running_var",
+         "bn2_num_batches_tracked")
+# Our name -> (index in the seed's Neuron.core, attribute there).
+_SEED_NAMES = {
+    "bn1_weight": (0, "weight"), "bn1_bias": (0, "bias"), "bn1_running_mean": (0, "running_mean"),
+    "bn1_running_var": (0, "running_var"), "bn1_num_batches_tracked": (0, "num_batches_tracked"),
+    "weight1": (1, "weight"), "bias1": (1, "bias"),
+    "bn2_weight": (3, "weight"), "bn2_bias": (3, "bias"), "bn2_running_mean": (3, "running_mean"),
+    "bn2_running_var": (3, "running_var"), "bn2_num_batches_tracked": (3, "num_batches_tracked"),
+    "weight2": (4, "weight"), "bias2": (4, "bias"), "weight3": (6, "weight"), "bias3": (6, "bias"),
+}
+
+
+def activation_code(act: nn.Module) -> Optional[int]:
+    """The native kernels' code for ``act`` (exact module types only), or None when it has no fused kernel."""
+    kind = type(act)
+    if kind is nn.GELU:
+        return {"none": 4, "tanh": 5}.get(act.approximate)
+    return {nn.Identity: 0, nn.Tanh: 1, nn.ReLU: 2, nn.Sigmoid: 3}.get(kind)
+
+
+_warned: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _check_positive(**sizes: int) -> None:
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _init_params(module: nn.Module, n: int, ni: int, nf: int, no: int, bias: bool) -> None:
+    """Registers the stacked parameters, drawn like n seed Neurons in a row (same generator calls, same order)."""
+    shapes = {"bn1_weight": (n, ni), "bn1_bias": (n, ni), "weight1": (n, nf, ni), "bias1": (n, nf),
+              "bn2_weight": (n, nf), "bn2_bias": (n, nf), "weight2": (n, nf, nf), "bias2": (n, nf),
+              "weight3": (n, no, nf), "bias3": (n, no)}
+    for name in PARAMS:
+        if name.startswith("bias") and not bias:
+            module.register_parameter(name, None)
+        else:
+            module.register_parameter(name, nn.Parameter(torch.empty(shapes[name])))
+    with torch.no_grad():
+        module.bn1_weight.fill_(1.0)
+        module.bn1_bias.zero_()
+        module.bn2_weight.fill_(1.0)
+        module.bn2_bias.zero_()
+        for i in range(n):  # nn.Linear.reset_parameters of lin1, lin2, lin3 of neuron i
+            for k in (1, 2, 3):
+                w = getattr(module, f"weight{k}")[i]
+                nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+                b = getattr(module, f"bias{k}")
+                if b is not None:
+                    bound = 1 / math.sqrt(w.shape[1])
+                    nn.init.uniform_(b[i], -bound, bound)
+
+
+def _init_stats(module: nn.Module, n: int, ni: int, nf: int) -> None:
+    module.register_buffer("bn1_running_mean", torch.zeros(n, ni))
+    module.register_buffer("bn1_running_var", torch.ones(n, ni))
+    module.register_buffer("bn1_num_batches_tracked", torch.zeros(n, dtype=torch.long))
+    module.register_buffer("bn2_running_mean", torch.zeros(n, nf))
+    module.register_buffer("bn2_running_var", torch.ones(n, nf))
+    module.register_buffer("bn2_num_batches_tracked", torch.zeros(n, dtype=torch.long))
+
+
+def _check_input(x: Tensor, n: int, ni: int, like: Tensor, training: bool, where: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{where}: expected a Tensor input, got {type(x).__name__}")
+    if x.dim() == 2:
+        if x.shape[1] != ni:
+            raise ValueError(f"input dimension ({x.shape[1]}) do not match neuron input dimension ({ni})")
+    elif not (x.dim() == 3 and x.shape[0] == n and x.shape[2] == ni):
+        raise ValueError(f"{where}: expected an input [batch, {ni}] (or [{n}, batch, {ni}], one per neuron), got "
+                         f"shape {list(x.shape)}")
+    if x.dtype != like.dtype:
+        raise TypeError(f"{where}: expected a {like.dtype} input like the layer's parameters, got {x.dtype}")
+    if x.device != like.device:
+        raise ValueError(f"{where}: the input is on {x.device} but the layer is on {like.device}")
+    if training and x.shape[-2] <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+
+
+class _Stacked(nn.Module):
+    """Shared machinery: the fused op (or the reference) on this module's stacked parameters."""
+
+    act_fn: nn.Module
+    momentum: Optional[float]
+    eps: float
+
+    def _run(self, x: Tensor, params: Sequence[Optional[Tensor]], stats: Sequence[Tensor], n: int) -> Tensor:
+        if params[0].shape[0] != n:  # a phenotype shared by the n neurons: autograd sums its gradients
+            params = [None if p is None else p.expand(n, *p.shape[1:]) for p in params]
+        code = activation_code(self.act_fn)
+        if code is None or self.momentum is None:
+            reason = f"activation {type(self.act_fn).__name__}" if code is None else "momentum=None"
+            _warn_once(reason, f"clfast.nn: no fused DAN kernel for {reason}; those layers run on the pure-torch "
+                               "reference (same numbers, slower)")
+            return _seed.dan_layer(x, *params, *stats, self.training, self.momentum, self.eps, self.act_fn)
+        return _ops.dan_layer(x, params, stats, self.training, self.momentum, self.eps, code)
+
+
+class DANLayer(_Stacked):
+    """``neurons`` neurons reading the same input of ``n_ni * p_neurons`` features; output ``[B, neurons *
+    n_nout_ni]``, the neurons' outputs concatenated (the seed's ``DANLayer``).
+
+    Parameters are stacked over neurons: ``bn1_weight``/``bn1_bias`` [N, ni], ``weight1`` [N, nf, ni], ``bias1``
+    [N, nf], ``bn2_weight``/``bn2_bias`` [N, nf], ``weight2`` [N, nf, nf], ``bias2`` [N, nf], ``weight3``
+    [N, nout, nf], ``bias3`` [N, nout]; BatchNorm buffers ``bn{1,2}_running_{mean,var}`` [N, C] and
+    ``bn{1,2}_num_batches_tracked`` [N]. With ``shared=True`` the neurons share one set of parameters (leading
+    dimension 1): the paper's shared phenotype. The input may also be ``[N, B, ni]``, one input per neuron.
+    Activations with a fused kernel: Tanh (default), ReLU, Sigmoid, GELU, Identity; any other module runs on the
+    pure-torch reference with a one-time warning.
+    """
+
+    def __init__(self, neurons: int, n_ni: int, n_nf: int, n_nout_ni: int, p_neurons: int = 1, bias: bool = True,
+                 act_fn: Optional[nn.Module] = None, *, shared: bool = False, momentum: Optional[float] = 0.1,
+                 eps: float = 1e-5) -> None:
+        super().__init__()
+        _check_positive(neurons=neurons, n_ni=n_ni, n_nf=n_nf, n_nout_ni=n_nout_ni, p_neurons=p_neurons)
+        act_fn = nn.Tanh() if act_fn is None else act_fn
+        if not isinstance(act_fn, nn.Module):
+            raise TypeError("activation must be of nn.Module instance")
+        self._n = neurons
+        self._ni = n_ni * p_neurons
+        self.n_nf, self.n_nout_ni, self.shared = n_nf, n_nout_ni, shared
+        self.act_fn, self.momentum, self.eps = act_fn, momentum, eps
+        _init_params(self, 1 if shared else neurons, self._ni, n_nf, n_nout_ni, bias)
+        _init_stats(self, neurons, self._ni, n_nf)
+        self.register_load_state_dict_pre_hook(_from_seed_layout)
+
+    def extra_repr(self) -> str:
+        return (f"neurons={self._n}, ni={self._ni}, nf={self.n_nf}, nout={self.n_nout_ni}, "
+                f"bias={self.bias1 is not None}, act_fn={self.act_fn}" + (", shared=True" if self.shared else ""))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [B, ni] (or [N, B, ni]) -> [B, N * nout]."""
+        _check_input(x, self._n, self._ni, self.weight1, self.training, "DANLayer")
+        return self._run(x, [getattr(self, k) for k in PARAMS], [getattr(self, k) for k in STATS], self._n)
+
+    # ---- conversions from and to the seed's modules ----
+
+    @classmethod
+    def from_reference(cls, layer: nn.Module) -> "DANLayer":
+        """A DANLayer with the parameters and BatchNorm state of a seed ``DANLayer`` (``clfast.reference.dan``
+        or the notebook's own class)."""
+        bn1, lin1, act, _, _, _, lin3 = layer.neurons[0].core
+        with torch.random.fork_rng(devices=[]):  # the throw-away initialisation leaves the global RNG as it was
+            new = DANLayer(len(layer.neurons), lin1.in_features, lin1.out_features, lin3.out_features,
+                           bias=lin1.bias is not None, act_fn=act, momentum=bn1.momentum, eps=bn1.eps)
+        new.load_state_dict(layer.state_dict())
+        return new.to(lin1.weight.device, lin1.weight.dtype).train(layer.training)
+
+    def to_reference(self) -> _seed.DANLayer:
+        """The seed's ``DANLayer`` (``clfast.reference.dan``) with this layer's parameters and BatchNorm state."""
+        ref = _seed.DANLayer(self._n, self._ni, self.n_nf, self.n_nout_ni, bias=self.bias1 is not None,
+                             act_fn=self.act_fn)
+        for neuron in ref.neurons:
+            neuron.core[0].momentum = neuron.core[3].momentum = self.momentum
+            neuron.core[0].eps = neuron.core[3].eps = self.eps
+        ref.load_state_dict(_to_seed_layout(self.state_dict(), self._n))
+        return ref.to(self.weight1.device, self.weight1.dtype).train(self.training)
+
+
+def _to_seed_layout(state: Dict[str, Tensor], n: int) -> Dict[str, Tensor]:
+    out = {}
+    for name, (index, attr) in _SEED_NAMES.items():
+        if name not in state:
+            continue
+        value = state[name]
+        for i in range(n):  # a shared phenotype (leading dimension 1) is copied into every neuron
+            out[f"neurons.{i}.core.{index}.{attr}"] = value[0 if value.shape[0] == 1 else i].clone()
+    return out
+
+
+def _from_seed_layout(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                      error_msgs) -> None:
+    """load_state_dict pre-hook: rewrites a seed-layout state dict (``neurons.{i}.core.{k}.*``) into ours."""
+    if module._n == 1 and prefix + "core.1.weight" in state_dict:  # a seed Neuron's own state dict
+        for key in [k for k in state_dict if k.startswith(prefix + "core.")]:
+            state_dict[prefix + "neurons.0." + key[len(prefix):]] = state_dict.pop(key)
+    if prefix + "neurons.0.core.1.weight" not in state_dict:
+        return
+    for name, (index, attr) in _SEED_NAMES.items():
+        keys = [f"{prefix}neurons.{i}.core.{index}.{attr}" for i in range(module._n)]
+        if not all(k in state_dict for k in keys):
+            continue
+        values = [state_dict.pop(k) for k in keys]
+        stacked = torch.stack([v.reshape(()) if "num_batches" in name else v for v in values])
+        if module.shared and name in PARAMS:
+            if not all(torch.equal(values[0], v) for v in values[1:]):
+                error_msgs.append(f"{prefix}{name}: the seed's neurons differ, a shared layer needs them equal")
+            stacked = stacked[:1]
+        state_dict[prefix + name] = stacked
+
+
+class Neuron(DANLayer):
+    """One DAN neuron, ``BN -> Linear -> act -> BN -> Linear -> act -> Linear`` (the seed's ``Neuron``)."""
+
+    def __init__(self, ni: int, nf: int, nout_ni: int, bias: bool = True, act_fn: Optional[nn.Module] = None) -> None:
+        super().__init__(1, ni, nf, nout_ni, bias=bias, act_fn=act_fn)
+
+
+class DAN(nn.Module):
+    """The seed's three-layer DAN: 3 neurons (hidden 50, out 100), 2 neurons (50, 25), 1 neuron (10, classes)."""
+
+    def __init__(self, ni: int, num_classes: int, act: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        self.dan1 = DANLayer(neurons=3, n_ni=ni, n_nf=50, n_nout_ni=100, p_neurons=1, act_fn=act)
+        self.dan2 = DANLayer(neurons=2, n_ni=100, n_nf=50, n_nout_ni=25, p_neurons=3, act_fn=act)
+        self.dan3 = DANLayer(neurons=1, n_ni=25, n_nf=10, n_nout_ni=num_classes, p_neurons=2, act_fn=act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [B, ni] -> [B, num_classes]."""
+        return self.dan3(self.dan2(self.dan1(x)))
+
+    @classmethod
+    def from_reference(cls, dan: nn.Module) -> "DAN":
+        """A DAN with the parameters and BatchNorm state of a seed ``DAN``."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for name in ("dan1", "dan2", "dan3"):
+            setattr(new, name, DANLayer.from_reference(getattr(dan, name)))
+        return new.train(dan.training)
+
+    def to_reference(self) -> _seed.DAN:
+        """The seed's ``DAN`` (``clfast.reference.dan``) with this DAN's parameters and BatchNorm state."""
+        ref = _seed.DAN.__new__(_seed.DAN)
+        nn.Module.__init__(ref)
+        for name in ("dan1", "dan2", "dan3"):
+            setattr(ref, name, getattr(self, name).to_reference())
+        return ref.train(self.training)
+
+
+class _Phenotype(nn.Module):
+    """The neuron parameters every neuron of a VECDAN shares (leading dimension 1)."""
+
+    def __init__(self, ni: int, nf: int, no: int, bias: bool) -> None:
+        super().__init__()
+        _init_params(self, 1, ni, nf, no, bias)
+
+
+class _LayerStats(nn.Module):
+    def __init__(self, n: int, ni: int, nf: int) -> None:
+        super().__init__()
+        _init_stats(self, n, ni, nf)
+
+
+class VECDAN(_Stacked):
+    """The paper's DAN network: layers of neurons that all share one phenotype, wired by vectorised synapses.
+
+    Layer l has ``neurons[l]`` neurons; its synapses (a Linear) mix all outputs of the previous layer (the input
+    for l = 0) into one ``n_channels`` vector per neuron; every neuron is the shared phenotype ``n_channels ->
+    n_nf -> n_nf -> n_nout``; a Linear readout maps the last layer's outputs to ``out_features``. Meta-learn
+    the phenotype, then :meth:`freeze_phenotype` and train only :meth:`synapse_parameters` on new tasks.
+    """
+
+    def __init__(self, in_features: int, out_features: int, neurons: Sequence[int] = (8, 8), n_channels: int = 4,
+                 n_nf: int = 16, n_nout: int = 1, act_fn: Optional[nn.Module] = None, bias: bool = True,
+                 momentum: Optional[float] = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        neurons = list(neurons)
+        _check_positive(in_features=in_features, out_features=out_features, n_channels=n_channels, n_nf=n_nf,
+                        n_nout=n_nout, layers=len(neurons), **{f"neurons[{i}]": n for i, n in enumerate(neurons)})
+        self.act_fn = nn.Tanh() if act_fn is None else act_fn
+        if not isinstance(self.act_fn, nn.Module):
+            raise TypeError("activation must be of nn.Module instance")
+        self.momentum, self.eps, self.neurons, self.n_channels = momentum, eps, neurons, n_channels
+        self.phenotype = _Phenotype(n_channels, n_nf, n_nout, bias)
+        widths = [in_features] + [n * n_nout for n in neurons]
+        self.synapses = nn.ModuleList(nn.Linear(w, n * n_channels) for w, n in zip(widths[:-1], neurons))
+        self.stats = nn.ModuleList(_LayerStats(n, n_channels, n_nf) for n in neurons)
+        self.readout = nn.Linear(widths[-1], out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [B, in_features] -> [B, out_features]."""
+        params = [getattr(self.phenotype, k) for k in PARAMS]
+        h = x
+        for synapse, stats, n in zip(self.synapses, self.stats, self.neurons):
+            if h.dim() != 2 or h.shape[1] != synapse.in_features:
+                raise ValueError(f"VECDAN: expected an input [batch, {synapse.in_features}], got {list(h.shape)}")
+            v = synapse(h).view(h.shape[0], n, self.n_channels).transpose(0, 1)  # [N, B, channels]
+            _check_input(v, n, self.n_channels, params[0], self.training, "VECDAN")
+            h = self._run(v, params, [getattr(stats, k) for k in STATS], n)
+        return self.readout(h)
+
+    def phenotype_parameters(self) -> Iterator[nn.Parameter]:
+        return self.phenotype.parameters()
+
+    def synapse_parameters(self) -> Iterator[nn.Parameter]:
+        yield from self.synapses.parameters()
+        yield from self.readout.parameters()
+
+    def freeze_phenotype(self, frozen: bool = True) -> "VECDAN":
+        """Stops (or restarts) learning of the shared phenotype; the synapses keep learning."""
+        for p in self.phenotype.parameters():
+            p.requires_grad_(not frozen)
+        return self

@@ -1,0 +1,113 @@
+"""Deep Artificial Neuron layers in pure torch.
+
+``Neuron``, ``DANLayer`` and ``DAN`` reproduce the seed notebook's modules (a Python loop of
+``nn.Sequential(BN, Linear, act, BN, Linear, act, Linear)`` neurons): they are the parity baseline and the
+layout ``clfast.nn`` converts from and to. ``dan_layer`` is the reference of the fused op: one layer of N
+neurons on stacked parameters, computed with batched torch ops; it is the oracle of the native kernels and the
+path clfast runs when the extension is missing or the activation has no native kernel.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["Neuron", "DANLayer", "DAN", "dan_layer"]
+
+
+class Neuron(nn.Module):
+    """One neuron: ``BN(ni) -> Linear(ni, nf) -> act -> BN(nf) -> Linear(nf, nf) -> act -> Linear(nf, nout_ni)``."""
+
+    def __init__(self, ni, nf, nout_ni, bias=True, act_fn=None):
+        super().__init__()
+        self._ni = ni
+        act_fn = nn.Tanh() if act_fn is None else act_fn
+        assert isinstance(act_fn, nn.Module), 'activation must be of nn.Module instance'
+        lin1 = nn.Linear(ni, nf, bias=bias)
+        lin2 = nn.Linear(nf, nf, bias=bias)
+        lin3 = nn.Linear(nf, nout_ni, bias=bias)
+        bn1 = nn.BatchNorm1d(ni)
+        bn2 = nn.BatchNorm1d(nf)
+        self.core = nn.Sequential(bn1, lin1, act_fn, bn2, lin2, act_fn, lin3)
+
+    def forward(self, x):
+        assert x.shape[1] == self._ni, \
+            f'input to neuron ({x.shape[1]}) does not match input dimension size: ({self._ni})'
+        return self.core(x)
+
+
+class DANLayer(nn.Module):
+    """``neurons`` Neurons reading the same input (``n_ni * p_neurons`` features); outputs concatenated."""
+
+    def __init__(self, neurons, n_ni, n_nf, n_nout_ni, p_neurons=1, bias=True, act_fn=None):
+        super().__init__()
+        self._n = neurons
+        self._ni = n_ni * p_neurons
+        self.neurons = nn.ModuleList([Neuron(n_ni * p_neurons, n_nf, n_nout_ni, bias=bias, act_fn=act_fn)
+                                      for _ in range(neurons)])
+
+    def forward(self, x):
+        b, f = x.size()
+        assert f == self._ni, f'input dimension ({f}) do not match neuron input dimension ({self._ni})'
+        outs = [self.neurons[i](x) for i in range(self._n)]
+        return torch.cat(outs, dim=1)
+
+
+class DAN(nn.Module):
+    """The seed's three-layer DAN: 3 neurons (50 hidden, 100 out), 2 neurons (50, 25), 1 neuron (10, classes)."""
+
+    def __init__(self, ni, num_classes, act=None):
+        super().__init__()
+        self.dan1 = DANLayer(neurons=3, n_ni=ni, n_nf=50, n_nout_ni=100, p_neurons=1, act_fn=act)
+        self.dan2 = DANLayer(neurons=2, n_ni=100, n_nf=50, n_nout_ni=25, p_neurons=3, act_fn=act)
+        self.dan3 = DANLayer(neurons=1, n_ni=25, n_nf=10, n_nout_ni=num_classes, p_neurons=2, act_fn=act)
+
+    def forward(self, x):
+        return self.dan3(self.dan2(self.dan1(x)))
+
+
+def _batch_norm(h: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                num_batches_tracked: Optional[Tensor], weight: Tensor, bias: Tensor, training: bool,
+                momentum: Optional[float], eps: float) -> Tensor:
+    """Per-neuron BatchNorm1d of ``h`` [N, B, C] with statistics [N, C], exactly as N ``nn.BatchNorm1d``."""
+    n, b, c = h.shape
+    flat = h.transpose(0, 1).reshape(b, n * c)
+    factor = momentum
+    if training and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:  # cumulative moving average, as nn.BatchNorm1d(momentum=None)
+            factor = 1.0 / float(num_batches_tracked[0])
+    out = F.batch_norm(flat, None if running_mean is None else running_mean.view(-1),
+                       None if running_var is None else running_var.view(-1), weight.reshape(-1),
+                       bias.reshape(-1), training, 0.0 if factor is None else factor, eps)
+    return out.view(b, n, c).transpose(0, 1)
+
+
+def _linear(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return torch.bmm(h, weight.transpose(1, 2)) if bias is None else \
+        torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+
+
+def dan_layer(x: Tensor, bn1_weight: Tensor, bn1_bias: Tensor, weight1: Tensor, bias1: Optional[Tensor],
+              bn2_weight: Tensor, bn2_bias: Tensor, weight2: Tensor, bias2: Optional[Tensor], weight3: Tensor,
+              bias3: Optional[Tensor], running_mean1: Optional[Tensor], running_var1: Optional[Tensor],
+              num_batches1: Optional[Tensor], running_mean2: Optional[Tensor], running_var2: Optional[Tensor],
+              num_batches2: Optional[Tensor], training: bool, momentum: Optional[float], eps: float,
+              act: Callable[[Tensor], Tensor]) -> Tensor:
+    """One DAN layer of N neurons on stacked parameters.
+
+    x [B, ni] (every neuron reads it) or [N, B, ni] (one input per neuron); bn1_* [N, ni]; weight1 [N, nf, ni];
+    bias1 [N, nf]; bn2_* [N, nf]; weight2 [N, nf, nf]; bias2 [N, nf]; weight3 [N, no, nf]; bias3 [N, no];
+    running stats [N, ni] / [N, nf] and batch counters [N] (updated in place when training, like
+    ``nn.BatchNorm1d``). Returns [B, N * no], the neurons' outputs concatenated.
+    """
+    n = weight1.shape[0]
+    h = x.unsqueeze(0).expand(n, *x.shape) if x.dim() == 2 else x
+    h = _batch_norm(h, running_mean1, running_var1, num_batches1, bn1_weight, bn1_bias, training, momentum, eps)
+    h = act(_linear(h, weight1, bias1))
+    h = _batch_norm(h, running_mean2, running_var2, num_batches2, bn2_weight, bn2_bias, training, momentum, eps)
+    h = act(_linear(h, weight2, bias2))
+    y = _linear(h, weight3, bias3)  # [N, B, no]
+    return y.transpose(0, 1).reshape(y.shape[1], -1)

@@ -1,0 +1,259 @@
+// DAN layer ops on the CPU: the column passes of csrc/dan.h. Each pass works on tiles of kTile columns
+// of the logical [B, C] activation matrix (contiguous in both layouts, so the inner loop vectorises), one tile
+// per task of at::parallel_for; column statistics are accumulated in double.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../dan.h"
+
+namespace clfast::cpu {
+namespace {
+
+constexpr int64_t kTile = 16;
+
+// Element (b, g * Cg + j) of a [B, C] matrix sits at base(g) + b * row + j.
+struct View {
+  int64_t group_base, row;
+  View(bool grouped, int64_t B, int64_t C, int64_t groups)
+      : group_base(grouped ? B * (C / groups) : C / groups), row(grouped ? C / groups : C) {}
+  int64_t at(int64_t g, int64_t b) const { return g * group_base + b * row; }
+};
+
+// Runs f(g, j0, width) for every tile of kTile columns, in parallel when the work is large enough.
+template <typename F>
+void for_tiles(int64_t B, int64_t C, int64_t groups, F&& f) {
+  const int64_t Cg = C / groups, tiles_per_group = (Cg + kTile - 1) / kTile, tiles = groups * tiles_per_group;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, B * kTile));
+  at::parallel_for(0, tiles, grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t g = t / tiles_per_group, j0 = (t % tiles_per_group) * kTile;
+      f(g, j0, std::min(kTile, Cg - j0));
+    }
+  });
+}
+
+struct CpuKernels {
+  // u = normalize ? (h - mean) * rstd : h per column of the [B, C] matrix h, with its mean and biased var.
+  static void col_norm(const at::Tensor& h, bool h_grouped, const at::Tensor& u, bool u_grouped, int64_t B, int64_t C,
+                       int64_t groups, bool normalize, double eps, const at::Tensor& mean, const at::Tensor& var) {
+    AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "dan_col_norm", [&] {
+      const scalar_t* hp = h.data_ptr<scalar_t>();
+      scalar_t* up = u.data_ptr<scalar_t>();
+      scalar_t* mp = normalize ? mean.data_ptr<scalar_t>() : nullptr;
+      scalar_t* vp = normalize ? var.data_ptr<scalar_t>() : nullptr;
+      const View hv(h_grouped, B, C, groups), uv(u_grouped, B, C, groups);
+      const int64_t Cg = C / groups;
+      for_tiles(B, C, groups, [&](int64_t g, int64_t j0, int64_t w) {
+        if (!normalize) {
+          for (int64_t b = 0; b < B; ++b) std::copy_n(hp + hv.at(g, b) + j0, w, up + uv.at(g, b) + j0);
+          return;
+        }
+        double s[kTile] = {}, q[kTile] = {};
+        for (int64_t b = 0; b < B; ++b) {
+          const scalar_t* __restrict__ hr = hp + hv.at(g, b) + j0;
+          for (int64_t j = 0; j < w; ++j) {
+            s[j] += hr[j];
+            q[j] += static_cast<double>(hr[j]) * hr[j];
+          }
+        }
+        scalar_t m[kTile], r[kTile];
+        for (int64_t j = 0; j < w; ++j) {
+          const double mu = s[j] / B, v = std::max(q[j] / B - mu * mu, 0.0);
+          m[j] = static_cast<scalar_t>(mu);
+          r[j] = static_cast<scalar_t>(1.0 / std::sqrt(v + eps));
+          mp[g * Cg + j0 + j] = m[j];
+          vp[g * Cg + j0 + j] = static_cast<scalar_t>(v);
+        }
+        for (int64_t b = 0; b < B; ++b) {
+          const scalar_t* __restrict__ hr = hp + hv.at(g, b) + j0;
+          scalar_t* __restrict__ ur = up + uv.at(g, b) + j0;
+          for (int64_t j = 0; j < w; ++j) ur[j] = (hr[j] - m[j]) * r[j];
+        }
+      });
+    });
+  }
+
+  static void norm_act_backward(const at::Tensor& du, const at::Tensor& u, bool du_grouped, const at::Tensor& var,
+                                double eps, bool normalize, const at::Tensor& s_act, bool z_grouped, int64_t act,
+                                const at::Tensor& dz, bool dz_grouped, int64_t B, int64_t C, int64_t groups,
+                                const at::Tensor& colsum) {
+    AT_DISPATCH_FLOATING_TYPES(du.scalar_type(), "dan_norm_act_backward", [&] {
+      const scalar_t* dup = du.data_ptr<scalar_t>();
+      const scalar_t* upp = normalize ? u.data_ptr<scalar_t>() : nullptr;
+      const scalar_t* vp = normalize ? var.data_ptr<scalar_t>() : nullptr;
+      const scalar_t* zp = act != kIdentity ? s_act.data_ptr<scalar_t>() : nullptr;
+      scalar_t* dzp = dz.data_ptr<scalar_t>();
+      scalar_t* cp = colsum.data_ptr<scalar_t>();
+      const View duv(du_grouped, B, C, groups), zv(z_grouped, B, C, groups), dzv(dz_grouped, B, C, groups);
+      const int64_t Cg = C / groups;
+      with_act(act, [&](auto A) {
+        for_tiles(B, C, groups, [&](int64_t g, int64_t j0, int64_t w) {
+          scalar_t r[kTile] = {}, mdu[kTile] = {}, mduu[kTile] = {};
+          if (normalize) {
+            double s[kTile] = {}, su[kTile] = {};
+            for (int64_t b = 0; b < B; ++b) {
+              const scalar_t* __restrict__ dr = dup + duv.at(g, b) + j0;
+              const scalar_t* __restrict__ ur = upp + duv.at(g, b) + j0;
+              for (int64_t j = 0; j < w; ++j) {
+                s[j] += dr[j];
+                su[j] += static_cast<double>(dr[j]) * ur[j];
+              }
+            }
+            for (int64_t j = 0; j < w; ++j) {
+              r[j] = static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(vp[g * Cg + j0 + j]) + eps));
+              mdu[j] = static_cast<scalar_t>(s[j] / B);
+              mduu[j] = static_cast<scalar_t>(su[j] / B);
+            }
+          }
+          double cs[kTile] = {};
+          for (int64_t b = 0; b < B; ++b) {
+            const scalar_t* __restrict__ dr = dup + duv.at(g, b) + j0;
+            const scalar_t* __restrict__ ur = normalize ? upp + duv.at(g, b) + j0 : nullptr;
+            const scalar_t* __restrict__ zr = A.value != kIdentity ? zp + zv.at(g, b) + j0 : nullptr;
+            scalar_t* __restrict__ out = dzp + dzv.at(g, b) + j0;
+            for (int64_t j = 0; j < w; ++j) {
+              const scalar_t dh = normalize ? r[j] * (dr[j] - mdu[j] - ur[j] * mduu[j]) : dr[j];
+              const scalar_t v = A.value != kIdentity ? act_backward<scalar_t>(A.value, dh, zr[j]) : dh;
+              out[j] = v;
+              cs[j] += v;
+            }
+          }
+          for (int64_t j = 0; j < w; ++j) cp[g * Cg + j0 + j] = static_cast<scalar_t>(cs[j]);
+        });
+      });
+    });
+  }
+
+  // (s, t) of one neuron's BN for its `cols` columns (see csrc/dan.h).
+  template <typename T>
+  static void scale_shift(const T* g, const T* b, const T* rm, const T* rv, double eps, int64_t cols, T* s, T* t) {
+    for (int64_t c = 0; c < cols; ++c) {
+      if (rm == nullptr) {
+        s[c] = g[c];
+        t[c] = b[c];
+      } else {
+        s[c] = g[c] * static_cast<T>(1.0 / std::sqrt(static_cast<double>(rv[c]) + eps));
+        t[c] = b[c] - rm[c] * s[c];
+      }
+    }
+  }
+
+  static void fold(const at::Tensor& W, const at::Tensor& bias, const at::Tensor& g, const at::Tensor& b,
+                   const at::Tensor& rm, const at::Tensor& rv, double eps, const at::Tensor& Weff, const at::Tensor& beff) {
+    const int64_t N = W.size(0), R = W.size(1), Cc = W.size(2);
+    AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "dan_fold", [&] {
+      const scalar_t* wp = W.data_ptr<scalar_t>();
+      const scalar_t* cp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+      const scalar_t* rmp = rm.defined() ? rm.data_ptr<scalar_t>() : nullptr;
+      const scalar_t* rvp = rv.defined() ? rv.data_ptr<scalar_t>() : nullptr;
+      scalar_t* wep = Weff.data_ptr<scalar_t>();
+      scalar_t* bep = beff.data_ptr<scalar_t>();
+      at::parallel_for(0, N, std::max<int64_t>(1, 32768 / (R * Cc)), [&](int64_t lo, int64_t hi) {
+        std::vector<scalar_t> s(Cc), t(Cc);
+        for (int64_t n = lo; n < hi; ++n) {
+          scale_shift(g.data_ptr<scalar_t>() + n * Cc, b.data_ptr<scalar_t>() + n * Cc,
+                      rmp ? rmp + n * Cc : nullptr, rvp ? rvp + n * Cc : nullptr, eps, Cc, s.data(), t.data());
+          for (int64_t r = 0; r < R; ++r) {
+            const scalar_t* __restrict__ wr = wp + (n * R + r) * Cc;
+            scalar_t* __restrict__ we = wep + (n * R + r) * Cc;
+            scalar_t lanes[8] = {};  // 8 partial sums: the dot product vectorises without reassociation flags
+            int64_t c = 0;
+            for (; c + 8 <= Cc; c += 8)
+              for (int k = 0; k < 8; ++k) {
+                we[c + k] = wr[c + k] * s[c + k];
+                lanes[k] += wr[c + k] * t[c + k];
+              }
+            scalar_t acc = cp ? cp[n * R + r] : scalar_t(0);
+            for (; c < Cc; ++c) {
+              we[c] = wr[c] * s[c];
+              acc += wr[c] * t[c];
+            }
+            for (int k = 0; k < 8; ++k) acc += lanes[k];
+            bep[n * R + r] = acc;
+          }
+        }
+      });
+    });
+  }
+
+  static void unfold_backward(const at::Tensor& dWeff, const at::Tensor& dbeff, const at::Tensor& W,
+                              const at::Tensor& g, const at::Tensor& b, const at::Tensor& rm, const at::Tensor& rv,
+                              double eps, const at::Tensor& dW, const at::Tensor& dg, const at::Tensor& db) {
+    const int64_t N = W.size(0), R = W.size(1), Cc = W.size(2);
+    AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "dan_unfold_backward", [&] {
+      const scalar_t* dwep = dWeff.data_ptr<scalar_t>();
+      const scalar_t* dbp = dbeff.data_ptr<scalar_t>();
+      const scalar_t* wp = W.data_ptr<scalar_t>();
+      const scalar_t* rmp = rm.defined() ? rm.data_ptr<scalar_t>() : nullptr;
+      const scalar_t* rvp = rv.defined() ? rv.data_ptr<scalar_t>() : nullptr;
+      scalar_t* dwp = dW.data_ptr<scalar_t>();
+      scalar_t* dgp = dg.data_ptr<scalar_t>();
+      scalar_t* dbbp = db.data_ptr<scalar_t>();
+      at::parallel_for(0, N, std::max<int64_t>(1, 32768 / (R * Cc)), [&](int64_t lo, int64_t hi) {
+        std::vector<scalar_t> s(Cc), t(Cc), P(Cc), Q(Cc);
+        for (int64_t n = lo; n < hi; ++n) {
+          scale_shift(g.data_ptr<scalar_t>() + n * Cc, b.data_ptr<scalar_t>() + n * Cc,
+                      rmp ? rmp + n * Cc : nullptr, rvp ? rvp + n * Cc : nullptr, eps, Cc, s.data(), t.data());
+          std::fill(P.begin(), P.end(), scalar_t(0));
+          std::fill(Q.begin(), Q.end(), scalar_t(0));
+          scalar_t* __restrict__ Pp = P.data();
+          scalar_t* __restrict__ Qp = Q.data();
+          const scalar_t* __restrict__ sp = s.data();
+          const scalar_t* __restrict__ tp = t.data();
+          for (int64_t r = 0; r < R; ++r) {
+            const scalar_t* __restrict__ dwe = dwep + (n * R + r) * Cc;
+            const scalar_t* __restrict__ wr = wp + (n * R + r) * Cc;
+            scalar_t* __restrict__ out = dwp + (n * R + r) * Cc;
+            const scalar_t dbr = dbp[n * R + r];
+            for (int64_t c = 0; c < Cc; ++c) {
+              out[c] = dwe[c] * sp[c] + dbr * tp[c];
+              Pp[c] += dwe[c] * wr[c];
+              Qp[c] += dbr * wr[c];
+            }
+          }
+          for (int64_t c = 0; c < Cc; ++c) {
+            if (rmp == nullptr) {
+              dgp[n * Cc + c] = Pp[c];
+            } else {
+              const scalar_t rstd = static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(rvp[n * Cc + c]) + eps));
+              dgp[n * Cc + c] = rstd * (Pp[c] - rmp[n * Cc + c] * Qp[c]);
+            }
+            dbbp[n * Cc + c] = Qp[c];
+          }
+        }
+      });
+    });
+  }
+};
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> dan_layer_forward(
+    const at::Tensor& x, const at::Tensor& g1, const at::Tensor& b1, const at::Tensor& W1,
+    const std::optional<at::Tensor>& c1, const at::Tensor& g2, const at::Tensor& b2, const at::Tensor& W2,
+    const std::optional<at::Tensor>& c2, const at::Tensor& W3, const std::optional<at::Tensor>& c3,
+    const std::optional<at::Tensor>& rm1, const std::optional<at::Tensor>& rv1, const std::optional<at::Tensor>& rm2,
+    const std::optional<at::Tensor>& rv2, double eps, int64_t act) {
+  return dan_layer_forward_impl<CpuKernels>(x, g1, b1, W1, c1, g2, b2, W2, c2, W3, c3, rm1, rv1, rm2, rv2, eps, act);
+}
+
+std::vector<at::Tensor> dan_layer_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& g1, const at::Tensor& b1,
+    const at::Tensor& W1, const at::Tensor& g2, const at::Tensor& b2, const at::Tensor& W2, const at::Tensor& W3,
+    const std::optional<at::Tensor>& rm1, const std::optional<at::Tensor>& rv1, const std::optional<at::Tensor>& rm2,
+    const std::optional<at::Tensor>& rv2, at::TensorList saved, double eps, int64_t act, bool input_grad) {
+  return dan_layer_backward_impl<CpuKernels>(grad_out, x, g1, b1, W1, g2, b2, W2, W3, rm1, rv1, rm2, rv2, saved, eps,
+                                             act, input_grad);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(clfast, CPU, m) {
+  m.impl("dan_layer_forward", &dan_layer_forward);
+  m.impl("dan_layer_backward", &dan_layer_backward);
+}
+
+}  // namespace clfast::cpu

@@ -1,0 +1,282 @@
+// DAN layer ops on CUDA: the column passes of csrc/dan.h (GEMMs and activations are ATen calls made there).
+// Each pass over activations is one launch for all neurons: a block owns 32 columns of one neuron (coalesced along
+// the columns) and 8 row lanes; column statistics are reduced in shared memory in double, and the block that
+// computed a column's statistics also applies them, so a BatchNorm costs one launch and no grid-wide sync.
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../dan.h"
+
+namespace clfast::cuda {
+namespace {
+
+constexpr int kCols = 32, kRows = 8;
+
+// Element (b, g * Cg + j) of a [B, C] matrix sits at g * group_base + b * row + j (flat or grouped layout).
+struct View {
+  int64_t group_base, row;
+  __device__ int64_t at(int64_t g, int64_t b) const { return g * group_base + b * row; }
+};
+
+View make_view(bool grouped, int64_t B, int64_t C, int64_t groups) {
+  return grouped ? View{B * (C / groups), C / groups} : View{C / groups, C};
+}
+
+dim3 column_grid(int64_t C, int64_t groups) {
+  return dim3(static_cast<unsigned>((C / groups + kCols - 1) / kCols), static_cast<unsigned>(groups));
+}
+
+// u = normalize ? (h - mean) * rstd : h, per column of h, with the column's mean and biased variance.
+template <typename T>
+__global__ void __launch_bounds__(kCols* kRows)
+    col_norm_kernel(const T* __restrict__ h, View hv, T* __restrict__ u, View uv, int64_t B, int64_t Cg,
+                    bool normalize, double eps, T* __restrict__ mean, T* __restrict__ var) {
+  __shared__ double s_sum[kRows][kCols], s_sq[kRows][kCols];
+  __shared__ T s_mean[kCols], s_rstd[kCols];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t g = blockIdx.y, j = static_cast<int64_t>(blockIdx.x) * kCols + tx;
+  const bool active = j < Cg;
+  double s = 0.0, q = 0.0;
+  if (active)
+    for (int64_t b = ty; b < B; b += kRows) {
+      const T a = h[hv.at(g, b) + j];
+      u[uv.at(g, b) + j] = a;
+      s += a;
+      q += static_cast<double>(a) * a;
+    }
+  if (!normalize) return;  // uniform over the block
+  s_sum[ty][tx] = s;
+  s_sq[ty][tx] = q;
+  __syncthreads();
+  if (ty == 0 && active) {
+    for (int r = 1; r < kRows; ++r) {
+      s += s_sum[r][tx];
+      q += s_sq[r][tx];
+    }
+    const double mu = s / B, v = fmax(q / B - mu * mu, 0.0);
+    mean[g * Cg + j] = static_cast<T>(mu);
+    var[g * Cg + j] = static_cast<T>(v);
+    s_mean[tx] = static_cast<T>(mu);
+    s_rstd[tx] = static_cast<T>(1.0 / sqrt(v + eps));
+  }
+  __syncthreads();
+  if (!active) return;
+  const T m = s_mean[tx], r = s_rstd[tx];
+  for (int64_t b = ty; b < B; b += kRows) {  // the values this thread wrote above
+    T* p = u + uv.at(g, b) + j;
+    *p = (*p - m) * r;
+  }
+}
+
+template <int A, typename T>
+__global__ void __launch_bounds__(kCols* kRows)
+    norm_act_backward_kernel(const T* __restrict__ du, const T* __restrict__ u, View duv, const T* __restrict__ var,
+                             double eps, bool normalize, const T* __restrict__ s_act, View zv, T* __restrict__ dz,
+                             View dzv, int64_t B, int64_t Cg, T* __restrict__ colsum) {
+  __shared__ double s_a[kRows][kCols], s_b[kRows][kCols];
+  __shared__ T s_r[kCols], s_mdu[kCols], s_mduu[kCols];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t g = blockIdx.y, j = static_cast<int64_t>(blockIdx.x) * kCols + tx;
+  const bool active = j < Cg;
+  if (normalize) {
+    double s = 0.0, su = 0.0;
+    if (active)
+      for (int64_t b = ty; b < B; b += kRows) {
+        const int64_t o = duv.at(g, b) + j;
+        s += du[o];
+        su += static_cast<double>(du[o]) * u[o];
+      }
+    s_a[ty][tx] = s;
+    s_b[ty][tx] = su;
+    __syncthreads();
+    if (ty == 0 && active) {
+      for (int r = 1; r < kRows; ++r) {
+        s += s_a[r][tx];
+        su += s_b[r][tx];
+      }
+      s_r[tx] = static_cast<T>(1.0 / sqrt(static_cast<double>(var[g * Cg + j]) + eps));
+      s_mdu[tx] = static_cast<T>(s / B);
+      s_mduu[tx] = static_cast<T>(su / B);
+    }
+    __syncthreads();
+  }
+  double cs = 0.0;
+  if (active) {
+    const T r = normalize ? s_r[tx] : T(1), mdu = normalize ? s_mdu[tx] : T(0), mduu = normalize ? s_mduu[tx] : T(0);
+    for (int64_t b = ty; b < B; b += kRows) {
+      const int64_t o = duv.at(g, b) + j;
+      const T dh = normalize ? r * (du[o] - mdu - u[o] * mduu) : du[o];
+      const T v = A != kIdentity ? act_backward<T>(A, dh, s_act[zv.at(g, b) + j]) : dh;
+      dz[dzv.at(g, b) + j] = v;
+      cs += v;
+    }
+  }
+  __syncthreads();  // the statistics' shared arrays are reused below
+  s_a[ty][tx] = cs;
+  __syncthreads();
+  if (ty == 0 && active) {
+    for (int r = 1; r < kRows; ++r) cs += s_a[r][tx];
+    colsum[g * Cg + j] = static_cast<T>(cs);
+  }
+}
+
+// (s, t) of column c of neuron n's BatchNorm (see csrc/dan.h); rm == nullptr in train mode.
+template <typename T>
+__device__ inline void scale_shift(const T* g, const T* b, const T* rm, const T* rv, double eps, int64_t i, T& s,
+                                   T& t) {
+  if (rm == nullptr) {
+    s = g[i];
+    t = b[i];
+  } else {
+    s = g[i] * static_cast<T>(1.0 / sqrt(static_cast<double>(rv[i]) + eps));
+    t = b[i] - rm[i] * s;
+  }
+}
+
+// One warp per row (n, r) of W [N, R, Cc]: Weff = W * s, beff = bias + W . t.
+template <typename T>
+__global__ void fold_kernel(const T* __restrict__ W, const T* __restrict__ bias, const T* __restrict__ g,
+                            const T* __restrict__ b, const T* __restrict__ rm, const T* __restrict__ rv, double eps,
+                            int64_t rows, int64_t R, int64_t Cc, T* __restrict__ Weff, T* __restrict__ beff) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;  // whole warps leave together
+  const int64_t n = row / R;
+  T acc = T(0);
+  for (int64_t c = lane; c < Cc; c += 32) {
+    T s, t;
+    scale_shift(g, b, rm, rv, eps, n * Cc + c, s, t);
+    const T w = W[row * Cc + c];
+    Weff[row * Cc + c] = w * s;
+    acc += w * t;
+  }
+  for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
+  if (lane == 0) beff[row] = (bias != nullptr ? bias[row] : T(0)) + acc;
+}
+
+// One thread per column (n, c): dW = dWeff * s + dbeff t^T, and the gradients of the BN affine parameters.
+template <typename T>
+__global__ void unfold_backward_kernel(const T* __restrict__ dWeff, const T* __restrict__ dbeff,
+                                       const T* __restrict__ W, const T* __restrict__ g, const T* __restrict__ b,
+                                       const T* __restrict__ rm, const T* __restrict__ rv, double eps, int64_t N,
+                                       int64_t R, int64_t Cc, T* __restrict__ dW, T* __restrict__ dg,
+                                       T* __restrict__ db) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= N * Cc) return;
+  const int64_t n = i / Cc, c = i % Cc;
+  T s, t;
+  scale_shift(g, b, rm, rv, eps, i, s, t);
+  T P = T(0), Q = T(0);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t o = (n * R + r) * Cc + c;
+    const T dwe = dWeff[o], w = W[o], dbr = dbeff[n * R + r];
+    dW[o] = dwe * s + dbr * t;
+    P += dwe * w;
+    Q += dbr * w;
+  }
+  dg[i] = rm == nullptr ? P : static_cast<T>(1.0 / sqrt(static_cast<double>(rv[i]) + eps)) * (P - rm[i] * Q);
+  db[i] = Q;
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+struct CudaKernels {
+  static void col_norm(const at::Tensor& h, bool h_grouped, const at::Tensor& u, bool u_grouped, int64_t B, int64_t C,
+                       int64_t groups, bool normalize, double eps, const at::Tensor& mean, const at::Tensor& var) {
+    const c10::cuda::CUDAGuard guard(h.device());
+    AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "dan_col_norm", [&] {
+      col_norm_kernel<scalar_t><<<column_grid(C, groups), dim3(kCols, kRows), 0, c10::cuda::getCurrentCUDAStream()>>>(
+          h.data_ptr<scalar_t>(), make_view(h_grouped, B, C, groups), u.data_ptr<scalar_t>(),
+          make_view(u_grouped, B, C, groups), B, C / groups, normalize, eps,
+          normalize ? mean.data_ptr<scalar_t>() : nullptr, normalize ? var.data_ptr<scalar_t>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
+  static void norm_act_backward(const at::Tensor& du, const at::Tensor& u, bool du_grouped, const at::Tensor& var,
+                                double eps, bool normalize, const at::Tensor& s_act, bool z_grouped, int64_t act,
+                                const at::Tensor& dz, bool dz_grouped, int64_t B, int64_t C, int64_t groups,
+                                const at::Tensor& colsum) {
+    const c10::cuda::CUDAGuard guard(du.device());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES(du.scalar_type(), "dan_norm_act_backward", [&] {
+      with_act(act, [&](auto A) {
+        norm_act_backward_kernel<decltype(A)::value, scalar_t>
+            <<<column_grid(C, groups), dim3(kCols, kRows), 0, stream>>>(
+                du.data_ptr<scalar_t>(), normalize ? u.data_ptr<scalar_t>() : nullptr,
+                make_view(du_grouped, B, C, groups), normalize ? var.data_ptr<scalar_t>() : nullptr, eps, normalize,
+                act != kIdentity ? s_act.data_ptr<scalar_t>() : nullptr, make_view(z_grouped, B, C, groups),
+                dz.data_ptr<scalar_t>(), make_view(dz_grouped, B, C, groups), B, C / groups,
+                colsum.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+
+  static void fold(const at::Tensor& W, const at::Tensor& bias, const at::Tensor& g, const at::Tensor& b,
+                   const at::Tensor& rm, const at::Tensor& rv, double eps, const at::Tensor& Weff, const at::Tensor& beff) {
+    const c10::cuda::CUDAGuard guard(W.device());
+    const int64_t N = W.size(0), R = W.size(1), Cc = W.size(2), rows = N * R;
+    constexpr int kWarps = 8;
+    AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "dan_fold", [&] {
+      fold_kernel<scalar_t><<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), 32 * kWarps, 0,
+                              c10::cuda::getCurrentCUDAStream()>>>(
+          W.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(bias), g.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
+          ptr_or_null<scalar_t>(rm), ptr_or_null<scalar_t>(rv), eps, rows, R, Cc, Weff.data_ptr<scalar_t>(),
+          beff.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
+  static void unfold_backward(const at::Tensor& dWeff, const at::Tensor& dbeff, const at::Tensor& W,
+                              const at::Tensor& g, const at::Tensor& b, const at::Tensor& rm, const at::Tensor& rv,
+                              double eps, const at::Tensor& dW, const at::Tensor& dg, const at::Tensor& db) {
+    const c10::cuda::CUDAGuard guard(W.device());
+    const int64_t N = W.size(0), R = W.size(1), Cc = W.size(2);
+    constexpr int kThreadsPerBlock = 256;
+    AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "dan_unfold_backward", [&] {
+      unfold_backward_kernel<scalar_t><<<static_cast<unsigned>((N * Cc + kThreadsPerBlock - 1) / kThreadsPerBlock),
+                                         kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          dWeff.data_ptr<scalar_t>(), dbeff.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
+          b.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(rm), ptr_or_null<scalar_t>(rv), eps, N, R, Cc,
+          dW.data_ptr<scalar_t>(), dg.data_ptr<scalar_t>(), db.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+};
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> dan_layer_forward(
+    const at::Tensor& x, const at::Tensor& g1, const at::Tensor& b1, const at::Tensor& W1,
+    const std::optional<at::Tensor>& c1, const at::Tensor& g2, const at::Tensor& b2, const at::Tensor& W2,
+    const std::optional<at::Tensor>& c2, const at::Tensor& W3, const std::optional<at::Tensor>& c3,
+    const std::optional<at::Tensor>& rm1, const std::optional<at::Tensor>& rv1, const std::optional<at::Tensor>& rm2,
+    const std::optional<at::Tensor>& rv2, double eps, int64_t act) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return dan_layer_forward_impl<CudaKernels>(x, g1, b1, W1, c1, g2, b2, W2, c2, W3, c3, rm1, rv1, rm2, rv2, eps,
+                                             act);
+}
+
+std::vector<at::Tensor> dan_layer_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& g1, const at::Tensor& b1,
+    const at::Tensor& W1, const at::Tensor& g2, const at::Tensor& b2, const at::Tensor& W2, const at::Tensor& W3,
+    const std::optional<at::Tensor>& rm1, const std::optional<at::Tensor>& rv1, const std::optional<at::Tensor>& rm2,
+    const std::optional<at::Tensor>& rv2, at::TensorList saved, double eps, int64_t act, bool input_grad) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return dan_layer_backward_impl<CudaKernels>(grad_out, x, g1, b1, W1, g2, b2, W2, W3, rm1, rv1, rm2, rv2, saved,
+                                              eps, act, input_grad);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(clfast, CUDA, m) {
+  m.impl("dan_layer_forward", &dan_layer_forward);
+  m.impl("dan_layer_backward", &dan_layer_backward);
+}
+
+}  // namespace clfast::cuda

@@ -1,0 +1,137 @@
+// Device-agnostic parts of the DAN layer ops: autograd for dan_layer_forward, and the running-statistics update
+// of its BatchNorms. The autograd function lives in C++ because a DAN step is dominated by per-call overhead:
+// a Python autograd wrapper cost more than the fused kernels it wraps.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace clfast {
+namespace {
+
+using OptT = std::optional<at::Tensor>;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> call_forward(
+    const at::Tensor& x, const at::Tensor& g1, const at::Tensor& b1, const at::Tensor& W1, const OptT& c1,
+    const at::Tensor& g2, const at::Tensor& b2, const at::Tensor& W2, const OptT& c2, const at::Tensor& W3,
+    const OptT& c3, const OptT& rm1, const OptT& rv1, const OptT& rm2, const OptT& rv2, double eps, int64_t act) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("clfast::dan_layer_forward", "")
+                             .typed<std::tuple<at::Tensor, std::vector<at::Tensor>>(
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const OptT&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&,
+                                 const at::Tensor&, const OptT&, const OptT&, const OptT&, const OptT&, const OptT&,
+                                 double, int64_t)>();
+  return op.call(x, g1, b1, W1, c1, g2, b2, W2, c2, W3, c3, rm1, rv1, rm2, rv2, eps, act);
+}
+
+std::vector<at::Tensor> call_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& g1,
+                                      const at::Tensor& b1, const at::Tensor& W1, const at::Tensor& g2,
+                                      const at::Tensor& b2, const at::Tensor& W2, const at::Tensor& W3,
+                                      const OptT& rm1, const OptT& rv1, const OptT& rm2, const OptT& rv2,
+                                      at::TensorList saved, double eps, int64_t act, bool input_grad) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("clfast::dan_layer_backward", "")
+                             .typed<std::vector<at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const at::Tensor&, const OptT&, const OptT&, const OptT&, const OptT&,
+                                 at::TensorList, double, int64_t, bool)>();
+  return op.call(grad_out, x, g1, b1, W1, g2, b2, W2, W3, rm1, rv1, rm2, rv2, saved, eps, act, input_grad);
+}
+
+OptT opt(const at::Tensor& t) { return t.defined() ? OptT(t) : std::nullopt; }
+
+struct DanLayerFunction : public torch::autograd::Function<DanLayerFunction> {
+  // Returns {out, saved...}; the saved tensors are outputs too (for dan_bn_update_), never differentiated.
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& g1, const at::Tensor& b1,
+                               const at::Tensor& W1, const OptT& c1, const at::Tensor& g2, const at::Tensor& b2,
+                               const at::Tensor& W2, const OptT& c2, const at::Tensor& W3, const OptT& c3,
+                               const OptT& rm1, const OptT& rv1, const OptT& rm2, const OptT& rv2, double eps,
+                               int64_t act) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, saved] = call_forward(x, g1, b1, W1, c1, g2, b2, W2, c2, W3, c3, rm1, rv1, rm2, rv2, eps, act);
+    variable_list to_save = {x, g1, b1, W1, g2, b2, W2, W3, rm1.value_or(at::Tensor()), rv1.value_or(at::Tensor()),
+                             rm2.value_or(at::Tensor()), rv2.value_or(at::Tensor())};
+    to_save.insert(to_save.end(), saved.begin(), saved.end());
+    ctx->save_for_backward(to_save);
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["biases"] = std::vector<bool>{c1.has_value(), c2.has_value(), c3.has_value()};
+    ctx->mark_non_differentiable(saved);
+    ctx->set_materialize_grads(false);
+    variable_list outs{out};
+    outs.insert(outs.end(), saved.begin(), saved.end());
+    return outs;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list result(17);  // one per forward argument
+    if (!grads[0].defined()) return result;
+    const variable_list s = ctx->get_saved_variables();
+    const std::vector<at::Tensor> saved(s.begin() + 12, s.end());
+    const bool input_grad = ctx->needs_input_grad(0);
+    const auto g = call_backward(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], opt(s[8]), opt(s[9]),
+                                 opt(s[10]), opt(s[11]), saved, ctx->saved_data["eps"].toDouble(),
+                                 ctx->saved_data["act"].toInt(), input_grad);
+    const auto biases = ctx->saved_data["biases"].toBoolList();
+    if (input_grad) result[0] = g[0];
+    for (int i = 1; i <= 3; ++i) result[i] = g[i];                 // bn1_weight, bn1_bias, weight1
+    if (biases[0]) result[4] = g[4];
+    for (int i = 5; i <= 7; ++i) result[i] = g[i];                 // bn2_weight, bn2_bias, weight2
+    if (biases[1]) result[8] = g[8];
+    result[9] = g[9];                                              // weight3
+    if (biases[2]) result[10] = g[10];
+    return result;
+  }
+};
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> dan_layer_forward_autograd(
+    const at::Tensor& x, const at::Tensor& g1, const at::Tensor& b1, const at::Tensor& W1, const OptT& c1,
+    const at::Tensor& g2, const at::Tensor& b2, const at::Tensor& W2, const OptT& c2, const at::Tensor& W3,
+    const OptT& c3, const OptT& rm1, const OptT& rv1, const OptT& rm2, const OptT& rv2, double eps, int64_t act) {
+  variable_list outs =
+      DanLayerFunction::apply(x, g1, b1, W1, c1, g2, b2, W2, c2, W3, c3, rm1, rv1, rm2, rv2, eps, act);
+  return {outs[0], std::vector<at::Tensor>(outs.begin() + 1, outs.end())};
+}
+
+void update_one(at::Tensor& running_mean, at::Tensor& running_var, at::Tensor& num_batches, const at::Tensor& mean,
+                const at::Tensor& var, double momentum, int64_t batch, const char* which) {
+  TORCH_CHECK(running_mean.dim() == 2 && running_var.sizes() == running_mean.sizes() &&
+                  num_batches.dim() == 1 && num_batches.size(0) == running_mean.size(0),
+              "clfast.dan_bn_update_: ", which, " running statistics must be [N, C] with counters [N], got ",
+              running_mean.sizes(), ", ", running_var.sizes(), ", ", num_batches.sizes());
+  const int64_t C = running_mean.size(1);
+  TORCH_CHECK(mean.numel() == var.numel() && C > 0 && mean.numel() % C == 0 &&
+                  (mean.numel() == C || mean.numel() == running_mean.numel()),
+              "clfast.dan_bn_update_: ", which, " batch statistics must hold C or N * C values, got ", mean.numel());
+  const double unbias = static_cast<double>(batch) / static_cast<double>(batch - 1);
+  running_mean.mul_(1.0 - momentum).add_(mean.view({-1, C}), momentum);
+  running_var.mul_(1.0 - momentum).add_(var.view({-1, C}), momentum * unbias);
+  num_batches.add_(1);
+}
+
+// nn.BatchNorm1d's update: running = (1 - momentum) * running + momentum * batch (unbiased variance),
+// num_batches_tracked += 1; a few element-wise ATen ops on tiny tensors, so one implementation for all devices.
+void dan_bn_update_(at::Tensor running_mean1, at::Tensor running_var1, at::Tensor num_batches1,
+                    at::Tensor running_mean2, at::Tensor running_var2, at::Tensor num_batches2,
+                    const at::Tensor& mean1, const at::Tensor& var1, const at::Tensor& mean2, const at::Tensor& var2,
+                    double momentum, int64_t batch) {
+  TORCH_CHECK(batch > 1, "clfast.dan_bn_update_: expected a batch of more than 1, got ", batch);
+  update_one(running_mean1, running_var1, num_batches1, mean1, var1, momentum, batch, "first");
+  update_one(running_mean2, running_var2, num_batches2, mean2, var2, momentum, batch, "second");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(clfast, Autograd, m) { m.impl("dan_layer_forward", &dan_layer_forward_autograd); }
+
+TORCH_LIBRARY_IMPL(clfast, CompositeExplicitAutograd, m) { m.impl("dan_bn_update_", &dan_bn_update_); }
+
+}  // namespace clfast

@@ -1,0 +1,220 @@
+// One DAN layer (N neurons, each BN -> Linear -> act -> BN -> Linear -> act -> Linear) as a few GEMMs over
+// all neurons plus fused element-wise passes. The GEMMs go through ATen (BLAS / cuBLAS); the element-wise
+// passes are the backend's kernels K (csrc/cpu/dan.cpp, csrc/cuda/dan.cu), so CPU and CUDA share this code.
+//
+// Each BatchNorm's affine part is folded into the Linear that follows it: with u the normalised input
+// (train: batch statistics; eval: u = the raw input and the running statistics folded too),
+//   BN(h) W^T + c = u Weff^T + beff,  Weff = W * s (per input column),  beff = c + W t,
+// where (s, t) = (gamma, beta) in train mode and (gamma * rstd_run, beta - mean_run * gamma * rstd_run) in
+// eval mode. The first BN sees the same input for every neuron, so its statistics are computed once and the
+// first Linear of all N neurons is one [B, ni] x [ni, N * nf] GEMM; the second and third are batched GEMMs.
+//
+// Layouts: a logical [B, C] activation matrix with C = groups * Cg is stored either flat ([B, C], row-major)
+// or grouped ([groups, B, Cg], one slab per neuron, as batched GEMMs want it).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <tuple>
+#include <vector>
+
+#include "math/act.h"
+
+namespace clfast {
+
+namespace dan_detail {
+
+inline void check_param(const char* name, const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& x) {
+  TORCH_CHECK(t.defined(), "clfast.dan_layer: ", name, " is undefined");
+  TORCH_CHECK(t.sizes() == shape, "clfast.dan_layer: ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "clfast.dan_layer: ", name, " must be ", x.scalar_type(),
+              " like the input, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "clfast.dan_layer: ", name, " is on ", t.device(), " but the input is on ",
+              x.device());
+}
+
+inline void check_optional(const char* name, const std::optional<at::Tensor>& t, at::IntArrayRef shape,
+                           const at::Tensor& x) {
+  if (t.has_value() && t->defined()) check_param(name, *t, shape, x);
+}
+
+struct Dims {
+  int64_t N, nf, ni, no, B;
+  bool per_neuron;  // x [N, B, ni] (one input per neuron) instead of [B, ni] (shared)
+  int64_t G1() const { return per_neuron ? N : 1; }
+};
+
+inline Dims check_layer(const at::Tensor& x, const at::Tensor& g1, const at::Tensor& b1, const at::Tensor& W1,
+                        const std::optional<at::Tensor>& c1, const at::Tensor& g2, const at::Tensor& b2,
+                        const at::Tensor& W2, const std::optional<at::Tensor>& c2, const at::Tensor& W3,
+                        const std::optional<at::Tensor>& c3, const std::optional<at::Tensor>& rm1,
+                        const std::optional<at::Tensor>& rv1, const std::optional<at::Tensor>& rm2,
+                        const std::optional<at::Tensor>& rv2, int64_t act) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "clfast.dan_layer: expected a float32 or float64 input, got ", x.scalar_type());
+  TORCH_CHECK(W1.dim() == 3 && W3.dim() == 3, "clfast.dan_layer: weight1 must be [N, nf, ni] and weight3 [N, no, nf]",
+              ", got ", W1.sizes(), " and ", W3.sizes());
+  Dims d{W1.size(0), W1.size(1), W1.size(2), W3.size(1), 0, x.dim() == 3};
+  TORCH_CHECK((x.dim() == 2 && x.size(1) == d.ni) || (x.dim() == 3 && x.size(0) == d.N && x.size(2) == d.ni),
+              "clfast.dan_layer: expected an input [B, ", d.ni, "] or [", d.N, ", B, ", d.ni, "], got ", x.sizes());
+  d.B = x.size(-2);
+  TORCH_CHECK(d.N > 0 && d.nf > 0 && d.ni > 0 && d.no > 0, "clfast.dan_layer: empty layer (N=", d.N, ", nf=", d.nf,
+              ", ni=", d.ni, ", no=", d.no, ")");
+  TORCH_CHECK(act >= 0 && act < kNumActs, "clfast.dan_layer: unknown activation code ", act);
+  check_param("bn1_weight", g1, {d.N, d.ni}, x);
+  check_param("bn1_bias", b1, {d.N, d.ni}, x);
+  check_param("weight1", W1, {d.N, d.nf, d.ni}, x);
+  check_optional("bias1", c1, {d.N, d.nf}, x);
+  check_param("bn2_weight", g2, {d.N, d.nf}, x);
+  check_param("bn2_bias", b2, {d.N, d.nf}, x);
+  check_param("weight2", W2, {d.N, d.nf, d.nf}, x);
+  check_optional("bias2", c2, {d.N, d.nf}, x);
+  check_param("weight3", W3, {d.N, d.no, d.nf}, x);
+  check_optional("bias3", c3, {d.N, d.no}, x);
+  const bool eval = rm1.has_value();
+  TORCH_CHECK(eval == rv1.has_value() && eval == rm2.has_value() && eval == rv2.has_value(),
+              "clfast.dan_layer: pass all four running statistics (eval mode) or none (train mode)");
+  check_optional("running_mean1", rm1, {d.N, d.ni}, x);
+  check_optional("running_var1", rv1, {d.N, d.ni}, x);
+  check_optional("running_mean2", rm2, {d.N, d.nf}, x);
+  check_optional("running_var2", rv2, {d.N, d.nf}, x);
+  TORCH_CHECK(eval || d.B > 1, "clfast.dan_layer: expected more than 1 value per channel when training, got a batch "
+              "of ", d.B);
+  return d;
+}
+
+inline at::Tensor contig(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
+
+// act(z) by ATen's vectorised kernels: in place, except for GELU, whose backward needs z.
+inline at::Tensor apply_act(at::Tensor& z, int64_t act) {
+  switch (act) {
+    case kTanh: return z.tanh_();
+    case kRelu: return z.relu_();
+    case kSigmoid: return z.sigmoid_();
+    case kGelu: return at::gelu(z);
+    case kGeluTanh: return at::gelu(z, "tanh");
+    default: return z;
+  }
+}
+inline at::Tensor contig(const std::optional<at::Tensor>& t) { return t.has_value() ? contig(*t) : at::Tensor(); }
+
+}  // namespace dan_detail
+
+// Forward. Train mode (no running statistics): batch statistics. Returns the output [B, N * no] and the tensors
+// the backward needs: {u1 (train) or empty, s1, u2, z2 (GELU) or empty, a2, Weff1, Weff2, mean1, var1, mean2,
+// var2}, where s1 = a1, or z1 for GELU (what act_backward differentiates from); the batch statistics are empty
+// in eval mode, and var is biased, as BatchNorm normalises with it.
+template <typename K>
+std::tuple<at::Tensor, std::vector<at::Tensor>> dan_layer_forward_impl(
+    const at::Tensor& x_, const at::Tensor& g1_, const at::Tensor& b1_, const at::Tensor& W1_,
+    const std::optional<at::Tensor>& c1_, const at::Tensor& g2_, const at::Tensor& b2_, const at::Tensor& W2_,
+    const std::optional<at::Tensor>& c2_, const at::Tensor& W3_, const std::optional<at::Tensor>& c3_,
+    const std::optional<at::Tensor>& rm1_, const std::optional<at::Tensor>& rv1_,
+    const std::optional<at::Tensor>& rm2_, const std::optional<at::Tensor>& rv2_, double eps, int64_t act) {
+  using namespace dan_detail;
+  const Dims d = check_layer(x_, g1_, b1_, W1_, c1_, g2_, b2_, W2_, c2_, W3_, c3_, rm1_, rv1_, rm2_, rv2_, act);
+  const bool training = !rm1_.has_value();
+  const int64_t N = d.N, nf = d.nf, ni = d.ni, B = d.B, G1 = d.G1();
+  const at::Tensor x = contig(x_), W1 = contig(W1_), W2 = contig(W2_), W3 = contig(W3_);
+  const at::Tensor rm1 = contig(rm1_), rv1 = contig(rv1_), rm2 = contig(rm2_), rv2 = contig(rv2_);
+  const auto opts = x.options();
+  const auto none = [&] { return at::empty({0}, opts); };  // a fresh one each time: outputs must not alias
+
+  at::Tensor u1 = x, mean1 = none(), var1 = none();
+  if (training) {
+    u1 = at::empty_like(x);
+    mean1 = at::empty({G1 * ni}, opts);
+    var1 = at::empty({G1 * ni}, opts);
+    K::col_norm(x, true, u1, true, B, G1 * ni, G1, true, eps, mean1, var1);
+  }
+  at::Tensor Weff1 = at::empty({N, nf, ni}, opts), beff1 = at::empty({N, nf}, opts);
+  K::fold(W1, contig(c1_), contig(g1_), contig(b1_), rm1, rv1, eps, Weff1, beff1);
+  at::Tensor z1 = d.per_neuron ? at::baddbmm(beff1.unsqueeze(1), u1, Weff1.transpose(1, 2))
+                               : at::addmm(beff1.view({N * nf}), u1, Weff1.view({N * nf, ni}).t());
+  const at::Tensor a1 = apply_act(z1, act);  // z1 holds a1 unless the activation is GELU
+
+  at::Tensor u2 = at::empty({N, B, nf}, opts);
+  at::Tensor mean2 = training ? at::empty({N * nf}, opts) : none();
+  at::Tensor var2 = training ? at::empty({N * nf}, opts) : none();
+  K::col_norm(a1, d.per_neuron, u2, true, B, N * nf, N, training, eps, mean2, var2);
+  at::Tensor Weff2 = at::empty({N, nf, nf}, opts), beff2 = at::empty({N, nf}, opts);
+  K::fold(W2, contig(c2_), contig(g2_), contig(b2_), rm2, rv2, eps, Weff2, beff2);
+  at::Tensor z2 = at::baddbmm(beff2.unsqueeze(1), u2, Weff2.transpose(1, 2));
+  const at::Tensor a2 = apply_act(z2, act);
+  // The third GEMM writes each neuron's block of the concatenated output [B, N * no] in place.
+  at::Tensor out = at::empty({B, N * d.no}, opts);
+  at::Tensor out_blocks = out.view({B, N, d.no}).transpose(0, 1);
+  if (c3_.has_value()) {
+    out_blocks.copy_(c3_->unsqueeze(1).expand({N, B, d.no}));
+    out_blocks.baddbmm_(a2, W3.transpose(1, 2));
+  } else {
+    at::bmm_out(out_blocks, a2, W3.transpose(1, 2));
+  }
+  const bool gelu = needs_input(act);
+  return {out, {training ? u1 : none(), z1, u2, gelu ? z2 : none(), a2, Weff1, Weff2, mean1, var1, mean2, var2}};
+}
+
+// Backward of dan_layer_forward from its saved tensors. Returns {dx, dbn1_weight, dbn1_bias, dweight1, dbias1,
+// dbn2_weight, dbn2_bias, dweight2, dbias2, dweight3, dbias3}; dx is empty when !input_grad.
+template <typename K>
+std::vector<at::Tensor> dan_layer_backward_impl(
+    const at::Tensor& grad_out, const at::Tensor& x_, const at::Tensor& g1_, const at::Tensor& b1_,
+    const at::Tensor& W1_, const at::Tensor& g2_, const at::Tensor& b2_, const at::Tensor& W2_, const at::Tensor& W3_,
+    const std::optional<at::Tensor>& rm1_, const std::optional<at::Tensor>& rv1_,
+    const std::optional<at::Tensor>& rm2_, const std::optional<at::Tensor>& rv2_, at::TensorList saved, double eps,
+    int64_t act, bool input_grad) {
+  using namespace dan_detail;
+  const Dims d = check_layer(x_, g1_, b1_, W1_, std::nullopt, g2_, b2_, W2_, std::nullopt, W3_, std::nullopt, rm1_,
+                             rv1_, rm2_, rv2_, act);
+  TORCH_CHECK(saved.size() == 11, "clfast.dan_layer_backward: expected the 11 tensors saved by the forward, got ",
+              saved.size());
+  const int64_t N = d.N, nf = d.nf, ni = d.ni, no = d.no, B = d.B, G1 = d.G1();
+  TORCH_CHECK(grad_out.numel() == B * N * no, "clfast.dan_layer_backward: grad_out must have ", B * N * no,
+              " elements, got ", grad_out.sizes());
+  const bool training = !rm1_.has_value();
+  const at::Tensor W1 = contig(W1_), W2 = contig(W2_), W3 = contig(W3_);
+  const at::Tensor rm1 = contig(rm1_), rv1 = contig(rv1_), rm2 = contig(rm2_), rv2 = contig(rv2_);
+  const at::Tensor u1 = training ? saved[0] : contig(x_);
+  const at::Tensor &s1 = saved[1], &u2 = saved[2], &a2 = saved[4], &Weff1 = saved[5], &Weff2 = saved[6],
+                   &var1 = saved[8], &var2 = saved[10];
+  const at::Tensor& s2 = needs_input(act) ? saved[3] : a2;
+  const auto opts = u1.options();
+  const at::Tensor none = at::empty({0}, opts);
+
+  const at::Tensor dy = grad_out.reshape({B, N, no}).permute({1, 0, 2}).contiguous();  // [N, B, no]
+  const at::Tensor dc3 = dy.sum(1);
+  const at::Tensor dW3 = at::bmm(dy.transpose(1, 2), a2);
+  const at::Tensor da2 = at::bmm(dy, W3);
+
+  at::Tensor dz2 = at::empty({N, B, nf}, opts), dbeff2 = at::empty({N, nf}, opts);
+  K::norm_act_backward(da2, none, true, none, eps, false, s2, true, act, dz2, true, B, N * nf, N, dbeff2);
+  const at::Tensor dWeff2 = at::bmm(dz2.transpose(1, 2), u2);
+  const at::Tensor du2 = at::bmm(dz2, Weff2);
+  at::Tensor dW2 = at::empty_like(W2), dg2 = at::empty({N, nf}, opts), db2 = at::empty({N, nf}, opts);
+  K::unfold_backward(dWeff2, dbeff2, W2, contig(g2_), contig(b2_), rm2, rv2, eps, dW2, dg2, db2);
+
+  at::Tensor dz1 = at::empty_like(s1), dbeff1 = at::empty({N, nf}, opts);
+  K::norm_act_backward(du2, u2, true, var2, eps, training, s1, d.per_neuron, act, dz1, d.per_neuron, B, N * nf, N,
+                       dbeff1);
+  at::Tensor dWeff1, du1;
+  if (d.per_neuron) {
+    dWeff1 = at::bmm(dz1.transpose(1, 2), u1);
+    if (input_grad) du1 = at::bmm(dz1, Weff1);
+  } else {
+    dWeff1 = at::mm(dz1.t(), u1).view({N, nf, ni});
+    if (input_grad) du1 = at::mm(dz1, Weff1.view({N * nf, ni}));
+  }
+  at::Tensor dW1 = at::empty_like(W1), dg1 = at::empty({N, ni}, opts), db1 = at::empty({N, ni}, opts);
+  K::unfold_backward(dWeff1, dbeff1, W1, contig(g1_), contig(b1_), rm1, rv1, eps, dW1, dg1, db1);
+
+  at::Tensor dx = none;
+  if (input_grad && training) {
+    dx = at::empty_like(u1);
+    at::Tensor colsum = at::empty({G1 * ni}, opts);
+    K::norm_act_backward(du1, u1, true, var1, eps, true, none, true, kIdentity, dx, true, B, G1 * ni, G1, colsum);
+  } else if (input_grad) {
+    dx = du1;
+  }
+  return {dx, dg1, db1, dW1, dbeff1, dg2, db2, dW2, dbeff2, dW3, dc3};
+}
+
+}  // namespace clfast

@@ -1,0 +1,60 @@
+// Derivatives of the DAN kernels' activations, with torch's formulas, shared by the CPU and CUDA kernels. The
+// forward goes through ATen's vectorised kernels (csrc/dan.h: apply_act), which keep the activation's output:
+// tanh, sigmoid and relu differentiate from it (as torch does), GELU from its input.
+#pragma once
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+namespace clfast {
+
+// Codes passed from Python (clfast/nn/dan.py: activation_code).
+enum Act : int { kIdentity = 0, kTanh = 1, kRelu = 2, kSigmoid = 3, kGelu = 4, kGeluTanh = 5 };
+constexpr int kNumActs = 6;
+
+// True when the backward needs the activation's input (GELU), false when it needs its output.
+constexpr bool needs_input(int act) { return act == kGelu || act == kGeluTanh; }
+
+// grad * act'(z), from s = act(z) or, when needs_input(act), s = z.
+template <typename T>
+C10_HOST_DEVICE inline T act_backward(int act, T grad, T s) {
+  using std::erf;
+  using std::exp;
+  using std::tanh;
+  switch (act) {
+    case kTanh: return grad * (T(1) - s * s);
+    case kRelu: return s > T(0) ? grad : T(0);
+    case kSigmoid: return grad * (T(1) - s) * s;
+    case kGelu: {
+      const T z = s;
+      const T cdf = T(0.5) * (T(1) + erf(z * T(M_SQRT1_2)));
+      const T pdf = exp(T(-0.5) * z * z) * T(M_2_SQRTPI * M_SQRT1_2 * 0.5);
+      return grad * (cdf + z * pdf);
+    }
+    case kGeluTanh: {
+      const T z = s;
+      const T beta = T(M_SQRT2 * M_2_SQRTPI * 0.5), kappa = T(0.044715);
+      const T t = tanh(beta * (z + kappa * z * z * z));
+      const T left = T(0.5) * z, right = T(1) + t;
+      return grad * (T(0.5) * right + left * (T(1) - t * t) * beta * (T(1) + T(3) * kappa * z * z));
+    }
+    default: return grad;
+  }
+}
+
+// Calls f(std::integral_constant<int, act>{}), so kernels see the activation as a compile-time constant.
+template <typename F>
+void with_act(int64_t act, F&& f) {
+  switch (act) {
+    case kTanh: return f(std::integral_constant<int, kTanh>{});
+    case kRelu: return f(std::integral_constant<int, kRelu>{});
+    case kSigmoid: return f(std::integral_constant<int, kSigmoid>{});
+    case kGelu: return f(std::integral_constant<int, kGelu>{});
+    case kGeluTanh: return f(std::integral_constant<int, kGeluTanh>{});
+    default: return f(std::integral_constant<int, kIdentity>{});
+  }
+}
+
+}  // namespace clfast

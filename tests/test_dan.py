@@ -1,0 +1,351 @@
+"""DAN layers: fused op vs reference, clfast.nn modules vs the seed's, conversions, bad input, autograd, compile."""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import clfast
+from clfast import _ops
+from clfast.nn.dan import PARAMS, STATS
+from clfast.reference import dan as seed
+from clfast.testing import device_params, needs_native
+
+ACTS = {"identity": nn.Identity, "tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "gelu": nn.GELU,
+        "gelu_tanh": lambda: nn.GELU(approximate="tanh")}
+
+
+def _layer_tensors(n, ni, nf, no, dtype, device, seed_, bias=True):
+    """Random parameters (BN affine and running statistics included, never the defaults) for one layer."""
+    g = torch.Generator().manual_seed(seed_)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    params = [1 + 0.3 * r(n, ni), 0.3 * r(n, ni), r(n, nf, ni) / ni ** 0.5, r(n, nf), 1 + 0.3 * r(n, nf),
+              0.3 * r(n, nf), r(n, nf, nf) / nf ** 0.5, r(n, nf), r(n, no, nf) / nf ** 0.5, r(n, no)]
+    if not bias:
+        params[3] = params[7] = params[9] = None
+    params = [None if p is None else p.to(device).requires_grad_() for p in params]
+    stats = [r(n, ni), torch.rand(n, ni, generator=g, dtype=dtype) + 0.5, torch.full((n,), 3),
+             r(n, nf), torch.rand(n, nf, generator=g, dtype=dtype) + 0.5, torch.full((n,), 3)]
+    return params, [s.to(device) for s in stats]
+
+
+def _run(backend, x, params, stats, training, act, momentum=0.1):
+    """Output, gradients (of x and every parameter) and updated statistics on one backend."""
+    before = clfast.backend()
+    clfast.set_backend(backend)
+    try:
+        stats = [s.clone() for s in stats]
+        out = _ops.dan_layer(x, params, stats, training, momentum, 1e-5, act)
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype).to(out.device)
+        leaves = [t for t in [x] + params if t is not None]
+        grads = torch.autograd.grad((out * w).sum(), leaves)
+        return out.detach(), grads, stats
+    finally:
+        clfast.set_backend(before)
+
+
+@needs_native
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("act", range(6))
+@pytest.mark.parametrize("per_neuron", [False, True], ids=["shared_input", "per_neuron_input"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_op_matches_reference(device, dtype, act, per_neuron, training):
+    n, ni, nf, no, b = 3, 7, 5, 4, 9
+    params, stats = _layer_tensors(n, ni, nf, no, dtype, device, 10 * act + per_neuron)
+    x = torch.randn((n, b, ni) if per_neuron else (b, ni), dtype=dtype).to(device).requires_grad_()
+    native = _run("native", x, params, stats, training, act)
+    ref = _run("reference", x, params, stats, training, act)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(native[0], ref[0], **tol)
+    for a, r in zip(native[1], ref[1]):
+        torch.testing.assert_close(a, r, **tol)
+    for a, r in zip(native[2], ref[2]):
+        torch.testing.assert_close(a, r, **tol)
+    if training:
+        assert not torch.equal(native[2][0], stats[0])  # the running statistics moved
+
+
+@needs_native
+@pytest.mark.parametrize("device", device_params())
+def test_op_without_biases_and_wide_layer(device):
+    for (n, ni, nf, no, b, bias) in [(2, 6, 4, 3, 5, False), (32, 256, 64, 8, 70, True), (2, 9, 128, 3, 33, True)]:
+        params, stats = _layer_tensors(n, ni, nf, no, torch.float32, device, n, bias)
+        x = torch.randn(b, ni).to(device).requires_grad_()
+        native, ref = _run("native", x, params, stats, True, 1), _run("reference", x, params, stats, True, 1)
+        torch.testing.assert_close(native[0], ref[0], rtol=1e-4, atol=1e-4)
+        for a, r in zip(native[1] + tuple(native[2]), ref[1] + tuple(ref[2])):
+            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("per_neuron", [False, True])
+def test_gradcheck_float64(training, per_neuron):
+    params, stats = _layer_tensors(2, 3, 4, 2, torch.float64, "cpu", 3)
+    x = torch.randn((2, 5, 3) if per_neuron else (5, 3), dtype=torch.float64, requires_grad=True)
+
+    def f(x, *params):
+        return _ops.dan_layer(x, list(params), [s.clone() for s in stats], training, 0.1, 1e-5, 1)
+
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6)
+
+
+def _op_args(training, per_neuron=False, device="cpu"):
+    params, stats = _layer_tensors(3, 6, 5, 4, torch.float32, device, 5)
+    x = torch.randn((3, 8, 6) if per_neuron else (8, 6), device=device)
+    running = [None] * 4 if training else [stats[0], stats[1], stats[3], stats[4]]
+    return x, [p.detach() for p in params], running, stats
+
+
+@needs_native
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("per_neuron", [False, True])
+def test_opcheck(training, per_neuron):
+    x, params, running, stats = _op_args(training, per_neuron)
+    torch.library.opcheck(torch.ops.clfast.dan_layer_forward, (x, *params, *running, 1e-5, 1))
+    params_g = [p.requires_grad_() for p in params]
+    torch.library.opcheck(torch.ops.clfast.dan_layer_forward, (x, *params_g, *running, 1e-5, 4))
+    out, saved = torch.ops.clfast.dan_layer_forward(x, *params, *running, 1e-5, 1)
+    p = [t.detach() for t in params]
+    torch.library.opcheck(torch.ops.clfast.dan_layer_backward,
+                          (torch.randn_like(out), x, p[0], p[1], p[2], p[4], p[5], p[6], p[8], *running, saved, 1e-5, 1,
+                           True))
+    if training:
+        torch.library.opcheck(torch.ops.clfast.dan_bn_update_, (*stats, *saved[7:], 0.1, x.shape[-2]))
+
+
+def _seed_and_fast(act, bias=True, ni=12, classes=3):
+    torch.manual_seed(0)
+    ref = seed.DAN(ni, classes, act=act)
+    if not bias:  # the seed's DAN has no bias switch: rebuild its layers without biases
+        ref.dan1 = seed.DANLayer(3, ni, 50, 100, act_fn=act, bias=False)
+        ref.dan2 = seed.DANLayer(2, 100, 50, 25, p_neurons=3, act_fn=act, bias=False)
+        ref.dan3 = seed.DANLayer(1, 25, 10, classes, p_neurons=2, act_fn=act, bias=False)
+    return ref, clfast.nn.DAN.from_reference(ref)
+
+
+def _compare_modules(fast, ref, rtol=1e-4, atol=1e-5):
+    back = fast.to_reference().state_dict()
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(back[k], v, rtol=rtol, atol=atol, msg=k)
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("bias", [True, False])
+def test_dan_training_matches_seed(backend, act, bias):
+    """Outputs, gradients of every parameter, SGD steps and BatchNorm state (train and eval) equal the seed's."""
+    ref, fast = _seed_and_fast(ACTS[act](), bias)
+    opt_r, opt_f = torch.optim.SGD(ref.parameters(), 0.05), torch.optim.SGD(fast.parameters(), 0.05)
+    g = torch.Generator().manual_seed(1)
+    for step in range(4):
+        x, y = torch.randn(16, 12, generator=g), torch.randn(16, 3, generator=g)
+        for m, o in ((ref, opt_r), (fast, opt_f)):
+            o.zero_grad()
+            m.out = m(x)
+            nn.functional.mse_loss(m.out, y).backward()
+        torch.testing.assert_close(fast.out, ref.out, rtol=1e-4, atol=1e-5)
+        grads_r = {k: v.grad for k, v in ref.named_parameters()}
+        for name, p in fast.named_parameters():  # gradients, in the seed's layout
+            layer, pname = name.split(".")
+            for i in range(getattr(fast, layer)._n):
+                index, attr = clfast.nn.dan._SEED_NAMES[pname]
+                torch.testing.assert_close(p.grad[i], grads_r[f"{layer}.neurons.{i}.core.{index}.{attr}"],
+                                           rtol=1e-4, atol=1e-5)
+        opt_r.step()
+        opt_f.step()
+    _compare_modules(fast, ref)
+    ref.eval()
+    fast.eval()
+    x = torch.randn(5, 12, generator=g)
+    torch.testing.assert_close(fast(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [2, 3, 64, 4096])
+def test_batch_sizes(backend, batch):
+    ref, fast = _seed_and_fast(nn.ReLU())
+    x = torch.randn(batch, 12)
+    torch.testing.assert_close(fast(x), ref(x), rtol=1e-4, atol=1e-4)
+    _compare_modules(fast, ref)
+    ref.eval()
+    fast.eval()
+    torch.testing.assert_close(fast(x[:1]), ref(x[:1]), rtol=1e-4, atol=1e-4)  # batch 1 is fine in eval
+
+
+def test_same_initial_parameters_as_seed():
+    torch.manual_seed(42)
+    ref = seed.DAN(100, 1, act=nn.ReLU())
+    after_ref = torch.rand(3)
+    torch.manual_seed(42)
+    fast = clfast.nn.DAN(100, 1, act=nn.ReLU())
+    after_fast = torch.rand(3)
+    _compare_modules(fast, ref, rtol=0, atol=0)
+    assert torch.equal(after_ref, after_fast)  # the same number of draws
+    state = torch.random.get_rng_state()
+    clfast.nn.DAN.from_reference(ref)
+    assert torch.equal(state, torch.random.get_rng_state())  # conversion draws nothing
+
+
+def test_state_dict_layouts():
+    ref, fast = _seed_and_fast(nn.Tanh())
+    fast(torch.randn(8, 12))  # move the running statistics
+    # seed layout -> clfast (strict), clfast -> seed, and a Neuron's own state dict
+    other = clfast.nn.DAN(12, 3)
+    other.load_state_dict(ref.state_dict())
+    _compare_modules(other, ref, rtol=0, atol=0)
+    ref.load_state_dict(fast.to_reference().state_dict())
+    _compare_modules(fast, ref, rtol=0, atol=0)
+    neuron_ref = seed.Neuron(5, 4, 2)
+    neuron = clfast.nn.Neuron(5, 4, 2)
+    neuron.load_state_dict(neuron_ref.state_dict())
+    x = torch.randn(6, 5)
+    torch.testing.assert_close(neuron(x), neuron_ref(x))
+    # round trip through our own layout
+    again = clfast.nn.DAN(12, 3)
+    again.load_state_dict(fast.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), fast.state_dict().values()))
+    with pytest.raises(RuntimeError):
+        clfast.nn.DAN(13, 3).load_state_dict(ref.state_dict())  # wrong shapes are still refused
+
+
+def test_unknown_activation_falls_back_to_reference():
+    ref, fast = _seed_and_fast(nn.LeakyReLU(0.1))
+    x = torch.randn(8, 12)
+    clfast.nn.dan._warned.discard("activation LeakyReLU")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fast(x)
+    torch.testing.assert_close(out, ref(x), rtol=1e-4, atol=1e-5)
+    _compare_modules(fast, ref)
+    assert any("LeakyReLU" in str(w.message) for w in caught)
+
+
+def test_momentum_none_matches_seed(backend):
+    ref, fast = _seed_and_fast(nn.Tanh())
+    for m in ref.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.momentum = None
+    fast = clfast.nn.DAN.from_reference(ref)
+    for _ in range(3):
+        x = torch.randn(10, 12)
+        torch.testing.assert_close(fast(x), ref(x), rtol=1e-4, atol=1e-5)
+    _compare_modules(fast, ref)
+
+
+def test_bad_input_is_refused_and_changes_nothing():
+    layer = clfast.nn.DANLayer(3, 4, 5, 2)
+    state = copy.deepcopy(layer.state_dict())
+    with pytest.raises(ValueError, match=r"input dimension \(5\) do not match neuron input dimension \(4\)"):
+        layer(torch.randn(8, 5))
+    with pytest.raises(TypeError, match="float32"):
+        layer(torch.randn(8, 4, dtype=torch.float64))
+    with pytest.raises(TypeError, match="float32"):
+        layer(torch.ones(8, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        layer(torch.randn(1, 4))
+    with pytest.raises(ValueError, match=r"\[3, batch, 4\]"):
+        layer(torch.randn(2, 8, 4))
+    with pytest.raises(TypeError, match="Tensor"):
+        layer([[1.0] * 4])
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    with pytest.raises(ValueError, match="neurons must be a positive int"):
+        clfast.nn.DANLayer(0, 4, 5, 2)
+    with pytest.raises(TypeError, match="nn.Module"):
+        clfast.nn.DANLayer(1, 4, 5, 2, act_fn=torch.tanh)
+
+
+@needs_native
+def test_native_op_refuses_bad_shapes_and_dtypes():
+    x, params, running, _ = _op_args(True)
+    with pytest.raises(RuntimeError, match="weight2 must have shape"):
+        torch.ops.clfast.dan_layer_forward(x, *params[:6], params[6][:, :2], *params[7:], *running, 1e-5, 1)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        torch.ops.clfast.dan_layer_forward(x.half(), *params, *running, 1e-5, 1)
+    with pytest.raises(RuntimeError, match="bn1_bias must be Double"):
+        torch.ops.clfast.dan_layer_forward(x.double(), *[p.double() for p in params[:1]], *params[1:], *running,
+                                           1e-5, 1)
+    with pytest.raises(RuntimeError, match="unknown activation"):
+        torch.ops.clfast.dan_layer_forward(x, *params, *running, 1e-5, 9)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_device_moves(device):
+    ref, fast = _seed_and_fast(nn.GELU())
+    ref, fast = ref.to(device), fast.to(device)
+    x = torch.randn(8, 12, device=device)
+    torch.testing.assert_close(fast(x), ref(x), rtol=1e-4, atol=1e-5)
+    if device == "cuda":
+        with pytest.raises(ValueError, match="is on cpu but the layer is on cuda"):
+            fast(x.cpu())
+
+
+@needs_native
+def test_torch_compile():
+    ref, fast = _seed_and_fast(nn.Tanh())
+    eager = copy.deepcopy(fast)
+    compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)
+    x = torch.randn(16, 12)
+    out_c, out_e = compiled(x), eager(x)
+    torch.testing.assert_close(out_c, out_e)
+    out_c.square().sum().backward()
+    out_e.square().sum().backward()
+    for (name, a), b in zip(fast.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    for a, b in zip(fast.buffers(), eager.buffers()):
+        torch.testing.assert_close(a, b)
+
+
+def test_shared_phenotype_layer(backend):
+    layer = clfast.nn.DANLayer(4, 3, 5, 2, shared=True)
+    assert layer.weight1.shape == (1, 5, 3)
+    x = torch.randn(4, 10, 3)  # one input per neuron
+    layer(x).sum().backward()
+    expanded = clfast.nn.DANLayer(4, 3, 5, 2)
+    with torch.no_grad():
+        for k in PARAMS:
+            getattr(expanded, k).copy_(getattr(layer, k).expand_as(getattr(expanded, k)))
+    expanded(x).sum().backward()
+    for k in PARAMS:  # the shared parameters' gradient is the sum over neurons
+        torch.testing.assert_close(getattr(layer, k).grad[0], getattr(expanded, k).grad.sum(0), rtol=1e-4, atol=1e-5)
+    for k in STATS:
+        torch.testing.assert_close(getattr(layer, k), getattr(expanded, k))
+    ref = layer.to_reference()  # the phenotype is copied into every seed neuron
+    assert torch.equal(ref.neurons[3].core[1].weight, layer.weight1[0])
+
+
+def test_vecdan_trains_only_synapses_when_frozen(backend):
+    torch.manual_seed(0)
+    net = clfast.nn.VECDAN(1, 1, neurons=(3, 2), n_channels=2, n_nf=8, n_nout=2)
+    x, y = torch.randn(32, 1), torch.randn(32, 1)
+    net.freeze_phenotype()
+    before = [p.clone() for p in net.phenotype_parameters()]
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], 0.1)
+    loss0 = nn.functional.mse_loss(net(x), y)
+    for _ in range(20):
+        opt.zero_grad()
+        nn.functional.mse_loss(net(x), y).backward()
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, net.phenotype_parameters()))
+    assert nn.functional.mse_loss(net(x), y) < loss0
+    assert {id(p) for p in net.synapse_parameters()}.isdisjoint(id(p) for p in net.phenotype_parameters())
+
+
+@needs_native
+def test_vecdan_native_matches_reference():
+    torch.manual_seed(0)
+    net = clfast.nn.VECDAN(3, 2, neurons=(4, 3), n_channels=3, n_nf=6, n_nout=2, act_fn=nn.ReLU())
+    twin = copy.deepcopy(net)
+    x = torch.randn(20, 3)
+    out = net(x)
+    out.sum().backward()
+    clfast.set_backend("reference")
+    try:
+        out_r = twin(x)
+        out_r.sum().backward()
+    finally:
+        clfast.set_backend("native")
+    torch.testing.assert_close(out, out_r, rtol=1e-4, atol=1e-5)
+    for a, b in zip(net.parameters(), twin.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
