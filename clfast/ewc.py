@@ -105,6 +105,14 @@ class EWC:
             raise ValueError(f"EWC: nngeometry cannot handle this model ({exc}); pass a layer_collection of the "
                              "supported layers") from exc
         self._modules = self.layer_collection.get_layerid_module_maps(model)[0]
+        if layer_collection is None:  # nngeometry silently skips modules it does not know (e.g. clfast.nn.DAN)
+            covered = {id(p) for mod in self._modules.values() for p in mod.parameters(recurse=False)}
+            missed = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+            if missed:
+                raise ValueError(f"EWC: nngeometry's Fisher does not cover {len(missed)} parameter(s) of this model "
+                                 f"({', '.join(missed[:4])}{', ...' if len(missed) > 4 else ''}): it knows Linear, "
+                                 "Conv2d and BatchNorm layers only. Pass layer_collection= to regularise a subset "
+                                 "explicitly, or use a method without a Fisher (si, replay).")
         if self.representation in ("kfac", "ekfac"):
             for lid, layer in self.layer_collection.layers.items():
                 if isinstance(layer, (BatchNorm1dLayer, BatchNorm2dLayer)):

@@ -87,3 +87,19 @@ def test_a_diverging_method_is_reported_and_the_others_still_run(tmp_path, fake_
     results = json.loads((out / "results.json").read_text())
     assert list(results["methods"]) == ["finetune"] and "NaN" in results["config"]["failed"]["si"]
     assert "si             failed" in capsys.readouterr().out
+
+
+def test_dan_model_runs_and_matches_reference_backend(tmp_path, fake_fmnist):  # noqa: F811
+    native, _ = _run(tmp_path, fake_fmnist, "--model", "dan", "--methods", "finetune,replay,si", name="native")
+    ref, _ = _run(tmp_path, fake_fmnist, "--model", "dan", "--methods", "finetune,replay,si", "--backend",
+                  "reference", name="ref")
+    for name, r in native["methods"].items():
+        assert len(r["acc_matrix"]) == 5
+        assert r["average_accuracy"] == pytest.approx(ref["methods"][name]["average_accuracy"], abs=0.02)
+
+
+def test_dan_model_refuses_fisher_methods_clearly(tmp_path, fake_fmnist, capsys):  # noqa: F811
+    code = run.main(["--data-dir", str(fake_fmnist), "--out", str(tmp_path / "o"), *QUICK, "--model", "dan",
+                     "--methods", "finetune,ewc"])
+    assert code == 1
+    assert "nngeometry's Fisher does not cover" in capsys.readouterr().out
