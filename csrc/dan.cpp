@@ -47,6 +47,7 @@ std::vector<at::Tensor> call_backward(const at::Tensor& grad_out, const at::Tens
 }
 
 OptT opt(const at::Tensor& t) { return t.defined() ? OptT(t) : std::nullopt; }
+bool present(const OptT& t) { return t.has_value() && t->defined(); }
 
 struct DanLayerFunction : public torch::autograd::Function<DanLayerFunction> {
   // Returns {out, saved...}; the saved tensors are outputs too (for dan_bn_update_), never differentiated.
@@ -57,13 +58,15 @@ struct DanLayerFunction : public torch::autograd::Function<DanLayerFunction> {
                                int64_t act) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, saved] = call_forward(x, g1, b1, W1, c1, g2, b2, W2, c2, W3, c3, rm1, rv1, rm2, rv2, eps, act);
-    variable_list to_save = {x, g1, b1, W1, g2, b2, W2, W3, rm1.value_or(at::Tensor()), rv1.value_or(at::Tensor()),
-                             rm2.value_or(at::Tensor()), rv2.value_or(at::Tensor())};
+    // In train mode the backward reads the normalised input saved[0], not x: x is not kept alive.
+    const bool training = !present(rm1);
+    variable_list to_save = {training ? at::Tensor() : x, g1, b1, W1, g2, b2, W2, W3, rm1.value_or(at::Tensor()),
+                             rv1.value_or(at::Tensor()), rm2.value_or(at::Tensor()), rv2.value_or(at::Tensor())};
     to_save.insert(to_save.end(), saved.begin(), saved.end());
     ctx->save_for_backward(to_save);
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["act"] = act;
-    ctx->saved_data["biases"] = std::vector<bool>{c1.has_value(), c2.has_value(), c3.has_value()};
+    ctx->saved_data["biases"] = std::vector<bool>{present(c1), present(c2), present(c3)};
     ctx->mark_non_differentiable(saved);
     ctx->set_materialize_grads(false);
     variable_list outs{out};
@@ -77,7 +80,8 @@ struct DanLayerFunction : public torch::autograd::Function<DanLayerFunction> {
     const variable_list s = ctx->get_saved_variables();
     const std::vector<at::Tensor> saved(s.begin() + 12, s.end());
     const bool input_grad = ctx->needs_input_grad(0);
-    const auto g = call_backward(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], opt(s[8]), opt(s[9]),
+    const at::Tensor& x = s[0].defined() ? s[0] : saved[0];  // only shape, dtype and device are read in train mode
+    const auto g = call_backward(grads[0], x, s[1], s[2], s[3], s[4], s[5], s[6], s[7], opt(s[8]), opt(s[9]),
                                  opt(s[10]), opt(s[11]), saved, ctx->saved_data["eps"].toDouble(),
                                  ctx->saved_data["act"].toInt(), input_grad);
     const auto biases = ctx->saved_data["biases"].toBoolList();
@@ -130,7 +134,27 @@ void dan_bn_update_(at::Tensor running_mean1, at::Tensor running_var1, at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(clfast, Autograd, m) { m.impl("dan_layer_forward", &dan_layer_forward_autograd); }
+// The backward is not differentiable: refuse double backward (create_graph=True) instead of returning gradients
+// that silently lack their own graph.
+std::vector<at::Tensor> dan_layer_backward_autograd(const at::Tensor& grad_out, const at::Tensor& x,
+                                                    const at::Tensor& g1, const at::Tensor& b1, const at::Tensor& W1,
+                                                    const at::Tensor& g2, const at::Tensor& b2, const at::Tensor& W2,
+                                                    const at::Tensor& W3, const OptT& rm1, const OptT& rv1,
+                                                    const OptT& rm2, const OptT& rv2, at::TensorList saved, double eps,
+                                                    int64_t act, bool input_grad) {
+  const bool needs_graph = at::GradMode::is_enabled() &&
+                           (grad_out.requires_grad() || x.requires_grad() || g1.requires_grad() ||
+                            b1.requires_grad() || W1.requires_grad() || g2.requires_grad() || b2.requires_grad() ||
+                            W2.requires_grad() || W3.requires_grad());
+  TORCH_CHECK(!needs_graph, "clfast.dan_layer: double backward (create_graph=True) is not supported");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return call_backward(grad_out, x, g1, b1, W1, g2, b2, W2, W3, rm1, rv1, rm2, rv2, saved, eps, act, input_grad);
+}
+
+TORCH_LIBRARY_IMPL(clfast, Autograd, m) {
+  m.impl("dan_layer_forward", &dan_layer_forward_autograd);
+  m.impl("dan_layer_backward", &dan_layer_backward_autograd);
+}
 
 TORCH_LIBRARY_IMPL(clfast, CompositeExplicitAutograd, m) { m.impl("dan_bn_update_", &dan_bn_update_); }
 

@@ -32,9 +32,12 @@ inline void check_param(const char* name, const at::Tensor& t, at::IntArrayRef s
               x.device());
 }
 
+// An optional tensor argument that is given and defined (C++ callers may pass an undefined tensor for None).
+inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
 inline void check_optional(const char* name, const std::optional<at::Tensor>& t, at::IntArrayRef shape,
                            const at::Tensor& x) {
-  if (t.has_value() && t->defined()) check_param(name, *t, shape, x);
+  if (present(t)) check_param(name, *t, shape, x);
 }
 
 struct Dims {
@@ -70,8 +73,8 @@ inline Dims check_layer(const at::Tensor& x, const at::Tensor& g1, const at::Ten
   check_optional("bias2", c2, {d.N, d.nf}, x);
   check_param("weight3", W3, {d.N, d.no, d.nf}, x);
   check_optional("bias3", c3, {d.N, d.no}, x);
-  const bool eval = rm1.has_value();
-  TORCH_CHECK(eval == rv1.has_value() && eval == rm2.has_value() && eval == rv2.has_value(),
+  const bool eval = present(rm1);
+  TORCH_CHECK(eval == present(rv1) && eval == present(rm2) && eval == present(rv2),
               "clfast.dan_layer: pass all four running statistics (eval mode) or none (train mode)");
   check_optional("running_mean1", rm1, {d.N, d.ni}, x);
   check_optional("running_var1", rv1, {d.N, d.ni}, x);
@@ -95,7 +98,7 @@ inline at::Tensor apply_act(at::Tensor& z, int64_t act) {
     default: return z;
   }
 }
-inline at::Tensor contig(const std::optional<at::Tensor>& t) { return t.has_value() ? contig(*t) : at::Tensor(); }
+inline at::Tensor contig(const std::optional<at::Tensor>& t) { return present(t) ? contig(*t) : at::Tensor(); }
 
 }  // namespace dan_detail
 
@@ -112,7 +115,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dan_layer_forward_impl(
     const std::optional<at::Tensor>& rm2_, const std::optional<at::Tensor>& rv2_, double eps, int64_t act) {
   using namespace dan_detail;
   const Dims d = check_layer(x_, g1_, b1_, W1_, c1_, g2_, b2_, W2_, c2_, W3_, c3_, rm1_, rv1_, rm2_, rv2_, act);
-  const bool training = !rm1_.has_value();
+  const bool training = !present(rm1_);
   const int64_t N = d.N, nf = d.nf, ni = d.ni, B = d.B, G1 = d.G1();
   const at::Tensor x = contig(x_), W1 = contig(W1_), W2 = contig(W2_), W3 = contig(W3_);
   const at::Tensor rm1 = contig(rm1_), rv1 = contig(rv1_), rm2 = contig(rm2_), rv2 = contig(rv2_);
@@ -143,7 +146,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dan_layer_forward_impl(
   // The third GEMM writes each neuron's block of the concatenated output [B, N * no] in place.
   at::Tensor out = at::empty({B, N * d.no}, opts);
   at::Tensor out_blocks = out.view({B, N, d.no}).transpose(0, 1);
-  if (c3_.has_value()) {
+  if (present(c3_)) {
     out_blocks.copy_(c3_->unsqueeze(1).expand({N, B, d.no}));
     out_blocks.baddbmm_(a2, W3.transpose(1, 2));
   } else {
@@ -170,7 +173,23 @@ std::vector<at::Tensor> dan_layer_backward_impl(
   const int64_t N = d.N, nf = d.nf, ni = d.ni, no = d.no, B = d.B, G1 = d.G1();
   TORCH_CHECK(grad_out.numel() == B * N * no, "clfast.dan_layer_backward: grad_out must have ", B * N * no,
               " elements, got ", grad_out.sizes());
-  const bool training = !rm1_.has_value();
+  const bool training = !present(rm1_);
+  TORCH_CHECK(grad_out.device() == x_.device() && grad_out.scalar_type() == x_.scalar_type(),
+              "clfast.dan_layer_backward: grad_out must be ", x_.scalar_type(), " on ", x_.device());
+  {  // the saved tensors must be the forward's: the kernels read them as contiguous arrays of these sizes
+    const int64_t S = training ? N * nf : 0, S1 = training ? G1 * ni : 0;
+    const std::vector<int64_t> z1 = d.per_neuron ? std::vector<int64_t>{N, B, nf} : std::vector<int64_t>{B, N * nf};
+    const std::vector<std::vector<int64_t>> shapes = {
+        training ? x_.sizes().vec() : std::vector<int64_t>{0}, z1, {N, B, nf},
+        needs_input(act) ? std::vector<int64_t>{N, B, nf} : std::vector<int64_t>{0}, {N, B, nf}, {N, nf, ni},
+        {N, nf, nf}, {S1}, {S1}, {S}, {S}};
+    for (size_t i = 0; i < shapes.size(); ++i)
+      TORCH_CHECK(saved[i].sizes() == at::IntArrayRef(shapes[i]) && saved[i].is_contiguous() &&
+                      saved[i].scalar_type() == x_.scalar_type() && saved[i].device() == x_.device(),
+                  "clfast.dan_layer_backward: saved[", i, "] is not what dan_layer_forward saved (expected a "
+                  "contiguous ", x_.scalar_type(), " tensor of shape ", at::IntArrayRef(shapes[i]), " on ", x_.device(),
+                  ", got ", saved[i].sizes(), ")");
+  }
   const at::Tensor W1 = contig(W1_), W2 = contig(W2_), W3 = contig(W3_);
   const at::Tensor rm1 = contig(rm1_), rv1 = contig(rv1_), rm2 = contig(rm2_), rv2 = contig(rv2_);
   const at::Tensor u1 = training ? saved[0] : contig(x_);

@@ -233,7 +233,7 @@ def test_momentum_none_matches_seed(backend):
     _compare_modules(fast, ref)
 
 
-def test_bad_input_is_refused_and_changes_nothing():
+def test_bad_input_is_refused_and_changes_nothing(backend):
     layer = clfast.nn.DANLayer(3, 4, 5, 2)
     state = copy.deepcopy(layer.state_dict())
     with pytest.raises(ValueError, match=r"input dimension \(5\) do not match neuron input dimension \(4\)"):
@@ -250,6 +250,7 @@ def test_bad_input_is_refused_and_changes_nothing():
         layer([[1.0] * 4])
     for k, v in layer.state_dict().items():
         assert torch.equal(v, state[k]), k
+    assert layer.eval()(torch.randn(0, 4)).shape == (0, 6)  # an empty batch is fine in eval mode
     with pytest.raises(ValueError, match="neurons must be a positive int"):
         clfast.nn.DANLayer(0, 4, 5, 2)
     with pytest.raises(TypeError, match="nn.Module"):
@@ -270,6 +271,25 @@ def test_native_op_refuses_bad_shapes_and_dtypes():
         torch.ops.clfast.dan_layer_forward(x, *params, *running, 1e-5, 9)
 
 
+@needs_native
+def test_double_backward_is_refused():
+    params, stats = _layer_tensors(2, 3, 4, 2, torch.float64, "cpu", 3)
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    out = _ops.dan_layer(x, params, stats, True, 0.1, 1e-5, 1)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.square().sum(), x, create_graph=True)
+
+
+@needs_native
+def test_input_modified_after_forward_is_fine_in_train_mode():
+    params, stats = _layer_tensors(2, 3, 4, 2, torch.float32, "cpu", 3)
+    x = torch.randn(5, 3)
+    out = _ops.dan_layer(x, params, stats, True, 0.1, 1e-5, 1)
+    x.add_(1.0)  # the backward reads its own normalised copy
+    out.sum().backward()
+    assert params[2].grad is not None and torch.isfinite(params[2].grad).all()
+
+
 @pytest.mark.parametrize("device", device_params())
 def test_device_moves(device):
     ref, fast = _seed_and_fast(nn.GELU())
@@ -285,7 +305,7 @@ def test_device_moves(device):
 def test_torch_compile():
     ref, fast = _seed_and_fast(nn.Tanh())
     eager = copy.deepcopy(fast)
-    compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(fast, fullgraph=True)
     x = torch.randn(16, 12)
     out_c, out_e = compiled(x), eager(x)
     torch.testing.assert_close(out_c, out_e)

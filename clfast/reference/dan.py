@@ -110,4 +110,4 @@ def dan_layer(x: Tensor, bn1_weight: Tensor, bn1_bias: Tensor, weight1: Tensor, 
     h = _batch_norm(h, running_mean2, running_var2, num_batches2, bn2_weight, bn2_bias, training, momentum, eps)
     h = act(_linear(h, weight2, bias2))
     y = _linear(h, weight3, bias3)  # [N, B, no]
-    return y.transpose(0, 1).reshape(y.shape[1], -1)
+    return y.transpose(0, 1).reshape(y.shape[1], y.shape[0] * y.shape[2])

@@ -63,7 +63,7 @@ struct CpuKernels {
         }
         scalar_t m[kTile], r[kTile];
         for (int64_t j = 0; j < w; ++j) {
-          const double mu = s[j] / B, v = std::max(q[j] / B - mu * mu, 0.0);
+          const double mu = s[j] / B, d = q[j] / B - mu * mu, v = d < 0.0 ? 0.0 : d;  // NaN stays NaN
           m[j] = static_cast<scalar_t>(mu);
           r[j] = static_cast<scalar_t>(1.0 / std::sqrt(v + eps));
           mp[g * Cg + j0 + j] = m[j];

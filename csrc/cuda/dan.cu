@@ -8,6 +8,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "../dan.h"
 
 namespace clfast::cuda {
@@ -25,19 +27,20 @@ View make_view(bool grouped, int64_t B, int64_t C, int64_t groups) {
   return grouped ? View{B * (C / groups), C / groups} : View{C / groups, C};
 }
 
+// x: tiles of kCols columns; y: groups (neurons), at most 65535 per launch, the kernels stride over the rest.
 dim3 column_grid(int64_t C, int64_t groups) {
-  return dim3(static_cast<unsigned>((C / groups + kCols - 1) / kCols), static_cast<unsigned>(groups));
+  return dim3(static_cast<unsigned>((C / groups + kCols - 1) / kCols),
+              static_cast<unsigned>(std::min<int64_t>(groups, 65535)));
 }
 
-// u = normalize ? (h - mean) * rstd : h, per column of h, with the column's mean and biased variance.
+// u = normalize ? (h - mean) * rstd : h, per column of group g of h, with the column's mean and biased variance.
 template <typename T>
-__global__ void __launch_bounds__(kCols* kRows)
-    col_norm_kernel(const T* __restrict__ h, View hv, T* __restrict__ u, View uv, int64_t B, int64_t Cg,
-                    bool normalize, double eps, T* __restrict__ mean, T* __restrict__ var) {
+__device__ void col_norm_group(int64_t g, const T* __restrict__ h, View hv, T* __restrict__ u, View uv, int64_t B,
+                               int64_t Cg, bool normalize, double eps, T* __restrict__ mean, T* __restrict__ var) {
   __shared__ double s_sum[kRows][kCols], s_sq[kRows][kCols];
   __shared__ T s_mean[kCols], s_rstd[kCols];
   const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t g = blockIdx.y, j = static_cast<int64_t>(blockIdx.x) * kCols + tx;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kCols + tx;
   const bool active = j < Cg;
   double s = 0.0, q = 0.0;
   if (active)
@@ -56,7 +59,7 @@ __global__ void __launch_bounds__(kCols* kRows)
       s += s_sum[r][tx];
       q += s_sq[r][tx];
     }
-    const double mu = s / B, v = fmax(q / B - mu * mu, 0.0);
+    const double mu = s / B, d = q / B - mu * mu, v = d < 0.0 ? 0.0 : d;  // NaN stays NaN, as on the CPU
     mean[g * Cg + j] = static_cast<T>(mu);
     var[g * Cg + j] = static_cast<T>(v);
     s_mean[tx] = static_cast<T>(mu);
@@ -71,15 +74,16 @@ __global__ void __launch_bounds__(kCols* kRows)
   }
 }
 
+// dz = act'(.) * (normalize ? rstd * (du - mean(du) - u * mean(du * u)) : du) for group g; colsum = sum_b dz.
 template <int A, typename T>
-__global__ void __launch_bounds__(kCols* kRows)
-    norm_act_backward_kernel(const T* __restrict__ du, const T* __restrict__ u, View duv, const T* __restrict__ var,
-                             double eps, bool normalize, const T* __restrict__ s_act, View zv, T* __restrict__ dz,
-                             View dzv, int64_t B, int64_t Cg, T* __restrict__ colsum) {
+__device__ void norm_act_backward_group(int64_t g, const T* __restrict__ du, const T* __restrict__ u, View duv,
+                                        const T* __restrict__ var, double eps, bool normalize,
+                                        const T* __restrict__ s_act, View zv, T* __restrict__ dz, View dzv, int64_t B,
+                                        int64_t Cg, T* __restrict__ colsum) {
   __shared__ double s_a[kRows][kCols], s_b[kRows][kCols];
   __shared__ T s_r[kCols], s_mdu[kCols], s_mduu[kCols];
   const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t g = blockIdx.y, j = static_cast<int64_t>(blockIdx.x) * kCols + tx;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kCols + tx;
   const bool active = j < Cg;
   if (normalize) {
     double s = 0.0, su = 0.0;
@@ -120,6 +124,23 @@ __global__ void __launch_bounds__(kCols* kRows)
   if (ty == 0 && active) {
     for (int r = 1; r < kRows; ++r) cs += s_a[r][tx];
     colsum[g * Cg + j] = static_cast<T>(cs);
+  }
+}
+
+// One block per (tile of kCols columns, group); groups beyond gridDim.y are strided over.
+template <typename T, typename... Args>
+__global__ void __launch_bounds__(kCols* kRows) col_norm_kernel(int64_t groups, Args... args) {
+  for (int64_t g = blockIdx.y; g < groups; g += gridDim.y) {
+    col_norm_group<T>(g, args...);
+    __syncthreads();  // the next group reuses the shared arrays
+  }
+}
+
+template <int A, typename T, typename... Args>
+__global__ void __launch_bounds__(kCols* kRows) norm_act_backward_kernel(int64_t groups, Args... args) {
+  for (int64_t g = blockIdx.y; g < groups; g += gridDim.y) {
+    norm_act_backward_group<A, T>(g, args...);
+    __syncthreads();
   }
 }
 
@@ -192,7 +213,7 @@ struct CudaKernels {
     const c10::cuda::CUDAGuard guard(h.device());
     AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "dan_col_norm", [&] {
       col_norm_kernel<scalar_t><<<column_grid(C, groups), dim3(kCols, kRows), 0, c10::cuda::getCurrentCUDAStream()>>>(
-          h.data_ptr<scalar_t>(), make_view(h_grouped, B, C, groups), u.data_ptr<scalar_t>(),
+          groups, h.data_ptr<scalar_t>(), make_view(h_grouped, B, C, groups), u.data_ptr<scalar_t>(),
           make_view(u_grouped, B, C, groups), B, C / groups, normalize, eps,
           normalize ? mean.data_ptr<scalar_t>() : nullptr, normalize ? var.data_ptr<scalar_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -209,7 +230,7 @@ struct CudaKernels {
       with_act(act, [&](auto A) {
         norm_act_backward_kernel<decltype(A)::value, scalar_t>
             <<<column_grid(C, groups), dim3(kCols, kRows), 0, stream>>>(
-                du.data_ptr<scalar_t>(), normalize ? u.data_ptr<scalar_t>() : nullptr,
+                groups, du.data_ptr<scalar_t>(), normalize ? u.data_ptr<scalar_t>() : nullptr,
                 make_view(du_grouped, B, C, groups), normalize ? var.data_ptr<scalar_t>() : nullptr, eps, normalize,
                 act != kIdentity ? s_act.data_ptr<scalar_t>() : nullptr, make_view(z_grouped, B, C, groups),
                 dz.data_ptr<scalar_t>(), make_view(dz_grouped, B, C, groups), B, C / groups,
