@@ -175,31 +175,12 @@ def reservoir_add_(storage: List[Tensor], batch: List[Tensor], draws: Tensor, nu
 
 # ---- DAN ------------------------------------------------------------------------------------------------------
 
-# Activation codes of the native DAN kernels (csrc/math/act.h) and the functions the reference applies for them.
-DAN_ACTIVATIONS = {
-    0: lambda h: h,
-    1: torch.tanh,
-    2: torch.relu,
-    3: torch.sigmoid,
-    4: torch.nn.functional.gelu,
-    5: lambda h: torch.nn.functional.gelu(h, approximate="tanh"),
-}
-
-
 def dan_layer(x: Tensor, params: Sequence[Optional[Tensor]], stats: Sequence[Tensor], training: bool,
               momentum: float, eps: float, act: int) -> Tensor:
     """One DAN layer of N neurons (see ``clfast.reference.dan.dan_layer`` for shapes): ``params`` = (bn1_weight,
     bn1_bias, weight1, bias1, bn2_weight, bn2_bias, weight2, bias2, weight3, bias3), ``stats`` = (running_mean1,
     running_var1, num_batches1, running_mean2, running_var2, num_batches2), updated in place when training."""
-    if _backend != "native":
-        return reference.dan_layer(x, *params, *stats, training, momentum, eps, DAN_ACTIVATIONS[act])
-    rm1, rv1, nb1, rm2, rv2, nb2 = stats
-    running = (None, None, None, None) if training else (rm1, rv1, rm2, rv2)
-    out, saved = torch.ops.clfast.dan_layer_forward(x, *params, *running, float(eps), int(act))
-    if training:
-        torch.ops.clfast.dan_bn_update_(rm1, rv1, nb1, rm2, rv2, nb2, saved[7], saved[8], saved[9], saved[10],
-                                        float(momentum), x.shape[-2])
-    return out
+    return _op("dan_layer")(x, *params, *stats, bool(training), float(momentum), float(eps), int(act))
 
 
 # ---- fake (meta) kernels and autograd for the native ops --------------------------------------------------------

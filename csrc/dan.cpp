@@ -1,5 +1,5 @@
-// Device-agnostic parts of the DAN layer ops: autograd for dan_layer_forward, and the running-statistics update
-// of its BatchNorms. The autograd function lives in C++ because a DAN step is dominated by per-call overhead:
+// Device-agnostic parts of the DAN layer ops: autograd for dan_layer_forward, the running-statistics update of
+// its BatchNorms, and dan_layer, which chains the two. The autograd function lives in C++ because a DAN step is dominated by per-call overhead:
 // a Python autograd wrapper cost more than the fused kernels it wraps.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -105,6 +105,29 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dan_layer_forward_autograd(
   return {outs[0], std::vector<at::Tensor>(outs.begin() + 1, outs.end())};
 }
 
+void call_bn_update(at::Tensor& rm1, at::Tensor& rv1, at::Tensor& nb1, at::Tensor& rm2, at::Tensor& rv2,
+                    at::Tensor& nb2, const at::Tensor& mean1, const at::Tensor& var1, const at::Tensor& mean2,
+                    const at::Tensor& var2, double momentum, int64_t batch) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("clfast::dan_bn_update_", "")
+                             .typed<void(at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
+                                         at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, double, int64_t)>();
+  op.call(rm1, rv1, nb1, rm2, rv2, nb2, mean1, var1, mean2, var2, momentum, batch);
+}
+
+at::Tensor dan_layer(const at::Tensor& x, const at::Tensor& g1, const at::Tensor& b1, const at::Tensor& W1,
+                     const OptT& c1, const at::Tensor& g2, const at::Tensor& b2, const at::Tensor& W2, const OptT& c2,
+                     const at::Tensor& W3, const OptT& c3, at::Tensor& rm1, at::Tensor& rv1, at::Tensor& nb1,
+                     at::Tensor& rm2, at::Tensor& rv2, at::Tensor& nb2, bool training, double momentum, double eps,
+                     int64_t act) {
+  if (!training) return std::get<0>(call_forward(x, g1, b1, W1, c1, g2, b2, W2, c2, W3, c3, rm1, rv1, rm2, rv2, eps, act));
+  auto [out, saved] = call_forward(x, g1, b1, W1, c1, g2, b2, W2, c2, W3, c3, std::nullopt, std::nullopt,
+                                   std::nullopt, std::nullopt, eps, act);
+  call_bn_update(rm1, rv1, nb1, rm2, rv2, nb2, saved[7], saved[8], saved[9], saved[10], momentum, x.size(-2));
+  return out;
+}
+
 void update_one(at::Tensor& running_mean, at::Tensor& running_var, at::Tensor& num_batches, const at::Tensor& mean,
                 const at::Tensor& var, double momentum, int64_t batch, const char* which) {
   TORCH_CHECK(running_mean.dim() == 2 && running_var.sizes() == running_mean.sizes() &&
@@ -123,8 +146,8 @@ void update_one(at::Tensor& running_mean, at::Tensor& running_var, at::Tensor& n
 
 // nn.BatchNorm1d's update: running = (1 - momentum) * running + momentum * batch (unbiased variance),
 // num_batches_tracked += 1; a few element-wise ATen ops on tiny tensors, so one implementation for all devices.
-void dan_bn_update_(at::Tensor running_mean1, at::Tensor running_var1, at::Tensor num_batches1,
-                    at::Tensor running_mean2, at::Tensor running_var2, at::Tensor num_batches2,
+void dan_bn_update_(at::Tensor& running_mean1, at::Tensor& running_var1, at::Tensor& num_batches1,
+                    at::Tensor& running_mean2, at::Tensor& running_var2, at::Tensor& num_batches2,
                     const at::Tensor& mean1, const at::Tensor& var1, const at::Tensor& mean2, const at::Tensor& var2,
                     double momentum, int64_t batch) {
   TORCH_CHECK(batch > 1, "clfast.dan_bn_update_: expected a batch of more than 1, got ", batch);
@@ -157,5 +180,7 @@ TORCH_LIBRARY_IMPL(clfast, Autograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(clfast, CompositeExplicitAutograd, m) { m.impl("dan_bn_update_", &dan_bn_update_); }
+
+TORCH_LIBRARY_IMPL(clfast, CompositeImplicitAutograd, m) { m.impl("dan_layer", &dan_layer); }
 
 }  // namespace clfast

@@ -75,6 +75,12 @@ TORCH_LIBRARY(clfast, m) {
         "Tensor bn2_weight, Tensor bn2_bias, Tensor weight2, Tensor weight3, Tensor? running_mean1, "
         "Tensor? running_var1, Tensor? running_mean2, Tensor? running_var2, Tensor[] saved, float eps, int act, "
         "bool input_grad) -> Tensor[]");
+  // The layer as modules call it: dan_layer_forward (with autograd), then in train mode dan_bn_update_. One call
+  // from Python per layer, returning only the output.
+  m.def("dan_layer(Tensor x, Tensor bn1_weight, Tensor bn1_bias, Tensor weight1, Tensor? bias1, Tensor bn2_weight, "
+        "Tensor bn2_bias, Tensor weight2, Tensor? bias2, Tensor weight3, Tensor? bias3, Tensor(a!) running_mean1, "
+        "Tensor(b!) running_var1, Tensor(c!) num_batches1, Tensor(d!) running_mean2, Tensor(e!) running_var2, "
+        "Tensor(f!) num_batches2, bool training, float momentum, float eps, int act) -> Tensor");
   // nn.BatchNorm1d's running-statistics update for both BatchNorms of a layer (running [N, C], counters [N]).
   m.def("dan_bn_update_(Tensor(a!) running_mean1, Tensor(b!) running_var1, Tensor(c!) num_batches1, "
         "Tensor(d!) running_mean2, Tensor(e!) running_var2, Tensor(f!) num_batches2, Tensor mean1, Tensor var1, "

@@ -114,6 +114,7 @@ def test_opcheck(training, per_neuron):
                            True))
     if training:
         torch.library.opcheck(torch.ops.clfast.dan_bn_update_, (*stats, *saved[7:], 0.1, x.shape[-2]))
+    torch.library.opcheck(torch.ops.clfast.dan_layer, (x, *params, *[s.clone() for s in stats], training, 0.1, 1e-5, 3))
 
 
 def _seed_and_fast(act, bias=True, ni=12, classes=3):

@@ -8,13 +8,23 @@ path clfast runs when the extension is missing or the activation has no native k
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Neuron", "DANLayer", "DAN", "dan_layer"]
+__all__ = ["Neuron", "DANLayer", "DAN", "dan_layer", "ACTIVATIONS"]
+
+# The native op's activation codes (csrc/math/act.h).
+ACTIVATIONS = {
+    0: lambda h: h,
+    1: torch.tanh,
+    2: torch.relu,
+    3: torch.sigmoid,
+    4: F.gelu,
+    5: lambda h: F.gelu(h, approximate="tanh"),
+}
 
 
 class Neuron(nn.Module):
@@ -95,14 +105,17 @@ def dan_layer(x: Tensor, bn1_weight: Tensor, bn1_bias: Tensor, weight1: Tensor, 
               bias3: Optional[Tensor], running_mean1: Optional[Tensor], running_var1: Optional[Tensor],
               num_batches1: Optional[Tensor], running_mean2: Optional[Tensor], running_var2: Optional[Tensor],
               num_batches2: Optional[Tensor], training: bool, momentum: Optional[float], eps: float,
-              act: Callable[[Tensor], Tensor]) -> Tensor:
+              act: Union[int, Callable[[Tensor], Tensor]]) -> Tensor:
     """One DAN layer of N neurons on stacked parameters.
 
     x [B, ni] (every neuron reads it) or [N, B, ni] (one input per neuron); bn1_* [N, ni]; weight1 [N, nf, ni];
     bias1 [N, nf]; bn2_* [N, nf]; weight2 [N, nf, nf]; bias2 [N, nf]; weight3 [N, no, nf]; bias3 [N, no];
     running stats [N, ni] / [N, nf] and batch counters [N] (updated in place when training, like
-    ``nn.BatchNorm1d``). Returns [B, N * no], the neurons' outputs concatenated.
+    ``nn.BatchNorm1d``). ``act``: a module / function, or the native op's code (0 identity, 1 tanh, 2 relu,
+    3 sigmoid, 4 gelu, 5 gelu with the tanh approximation). Returns [B, N * no], the neurons' outputs concatenated.
     """
+    if isinstance(act, int):
+        act = ACTIVATIONS[act]
     n = weight1.shape[0]
     h = x.unsqueeze(0).expand(n, *x.shape) if x.dim() == 2 else x
     h = _batch_norm(h, running_mean1, running_var1, num_batches1, bn1_weight, bn1_bias, training, momentum, eps)
