@@ -272,32 +272,11 @@ struct CudaKernels {
   }
 };
 
-std::tuple<at::Tensor, std::vector<at::Tensor>> dan_layer_forward(
-    const at::Tensor& x, const at::Tensor& g1, const at::Tensor& b1, const at::Tensor& W1,
-    const std::optional<at::Tensor>& c1, const at::Tensor& g2, const at::Tensor& b2, const at::Tensor& W2,
-    const std::optional<at::Tensor>& c2, const at::Tensor& W3, const std::optional<at::Tensor>& c3,
-    const std::optional<at::Tensor>& rm1, const std::optional<at::Tensor>& rv1, const std::optional<at::Tensor>& rm2,
-    const std::optional<at::Tensor>& rv2, double eps, int64_t act) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  return dan_layer_forward_impl<CudaKernels>(x, g1, b1, W1, c1, g2, b2, W2, c2, W3, c3, rm1, rv1, rm2, rv2, eps,
-                                             act);
-}
-
-std::vector<at::Tensor> dan_layer_backward(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& g1, const at::Tensor& b1,
-    const at::Tensor& W1, const at::Tensor& g2, const at::Tensor& b2, const at::Tensor& W2, const at::Tensor& W3,
-    const std::optional<at::Tensor>& rm1, const std::optional<at::Tensor>& rv1, const std::optional<at::Tensor>& rm2,
-    const std::optional<at::Tensor>& rv2, at::TensorList saved, double eps, int64_t act, bool input_grad) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  return dan_layer_backward_impl<CudaKernels>(grad_out, x, g1, b1, W1, g2, b2, W2, W3, rm1, rv1, rm2, rv2, saved,
-                                              eps, act, input_grad);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(clfast, CUDA, m) {
-  m.impl("dan_layer_forward", &dan_layer_forward);
-  m.impl("dan_layer_backward", &dan_layer_backward);
+  m.impl("dan_layer_forward", &dan_layer_forward_impl<CudaKernels>);
+  m.impl("dan_layer_backward", &dan_layer_backward_impl<CudaKernels>);
 }
 
 }  // namespace clfast::cuda
