@@ -30,6 +30,12 @@ def _layer_tensors(n, ni, nf, no, dtype, device, seed_, bias=True):
     return params, [s.to(device) for s in stats]
 
 
+def _close(a, r):
+    """Equal within rounding relative to the tensor's scale (sums of many terms round at that scale)."""
+    eps = 1e-5 if r.dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(a, r, rtol=10 * eps, atol=eps * max(1.0, r.abs().max().item()))
+
+
 def _run(backend, x, params, stats, training, act, momentum=0.1):
     """Output, gradients (of x and every parameter) and updated statistics on one backend."""
     before = clfast.backend()
@@ -52,17 +58,14 @@ def _run(backend, x, params, stats, training, act, momentum=0.1):
 @pytest.mark.parametrize("per_neuron", [False, True], ids=["shared_input", "per_neuron_input"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_op_matches_reference(device, dtype, act, per_neuron, training):
-    n, ni, nf, no, b = 3, 7, 5, 4, 9
+    n, ni, nf, no, b = 3, 7, 5, 4, 33
     params, stats = _layer_tensors(n, ni, nf, no, dtype, device, 10 * act + per_neuron)
-    x = torch.randn((n, b, ni) if per_neuron else (b, ni), dtype=dtype).to(device).requires_grad_()
+    g = torch.Generator().manual_seed(act)
+    x = torch.randn((n, b, ni) if per_neuron else (b, ni), generator=g, dtype=dtype).to(device).requires_grad_()
     native = _run("native", x, params, stats, training, act)
     ref = _run("reference", x, params, stats, training, act)
-    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(native[0], ref[0], **tol)
-    for a, r in zip(native[1], ref[1]):
-        torch.testing.assert_close(a, r, **tol)
-    for a, r in zip(native[2], ref[2]):
-        torch.testing.assert_close(a, r, **tol)
+    for a, r in zip((native[0], *native[1], *native[2]), (ref[0], *ref[1], *ref[2])):
+        _close(a, r)
     if training:
         assert not torch.equal(native[2][0], stats[0])  # the running statistics moved
 
@@ -72,11 +75,10 @@ def test_op_matches_reference(device, dtype, act, per_neuron, training):
 def test_op_without_biases_and_wide_layer(device):
     for (n, ni, nf, no, b, bias) in [(2, 6, 4, 3, 5, False), (32, 256, 64, 8, 70, True), (2, 9, 128, 3, 33, True)]:
         params, stats = _layer_tensors(n, ni, nf, no, torch.float32, device, n, bias)
-        x = torch.randn(b, ni).to(device).requires_grad_()
+        x = torch.randn(b, ni, generator=torch.Generator().manual_seed(n)).to(device).requires_grad_()
         native, ref = _run("native", x, params, stats, True, 1), _run("reference", x, params, stats, True, 1)
-        torch.testing.assert_close(native[0], ref[0], rtol=1e-4, atol=1e-4)
-        for a, r in zip(native[1] + tuple(native[2]), ref[1] + tuple(ref[2])):
-            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+        for a, r in zip((native[0], *native[1], *native[2]), (ref[0], *ref[1], *ref[2])):
+            _close(a, r)
 
 
 @needs_native
@@ -195,8 +197,13 @@ def test_state_dict_layouts():
     other = clfast.nn.DAN(12, 3)
     other.load_state_dict(ref.state_dict())
     _compare_modules(other, ref, rtol=0, atol=0)
-    ref.load_state_dict(fast.to_reference().state_dict())
-    _compare_modules(fast, ref, rtol=0, atol=0)
+    fresh = seed.DAN(12, 3)
+    fresh.load_state_dict(fast.to_reference().state_dict())  # clfast -> seed layout, into the seed's own class
+    fresh.eval()
+    fast.eval()
+    x = torch.randn(6, 12)
+    torch.testing.assert_close(fresh(x), fast(x), rtol=1e-5, atol=1e-6)
+    fast.train()
     neuron_ref = seed.Neuron(5, 4, 2)
     neuron = clfast.nn.Neuron(5, 4, 2)
     neuron.load_state_dict(neuron_ref.state_dict())
@@ -361,12 +368,118 @@ def test_vecdan_native_matches_reference():
     x = torch.randn(20, 3)
     out = net(x)
     out.sum().backward()
+    before = clfast.backend()
     clfast.set_backend("reference")
     try:
         out_r = twin(x)
         out_r.sum().backward()
     finally:
-        clfast.set_backend("native")
+        clfast.set_backend(before)
     torch.testing.assert_close(out, out_r, rtol=1e-4, atol=1e-5)
     for a, b in zip(net.parameters(), twin.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_conversions_are_exact_and_leave_the_rng_alone():
+    torch.manual_seed(3)
+    ref = seed.DAN(12, 3).double()
+    with torch.no_grad():
+        for t in ref.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(torch.randn_like(t))  # float64 values that float32 cannot hold
+    state = torch.random.get_rng_state()
+    fast = clfast.nn.DAN.from_reference(ref)
+    back = fast.to_reference()
+    neuron = clfast.nn.Neuron.from_reference(ref.dan3.neurons[0])
+    neuron_back = neuron.to_reference()
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert fast.dan1.weight1.dtype == torch.float64
+    for k, v in ref.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    for k, v in ref.dan3.neurons[0].state_dict().items():
+        assert torch.equal(neuron_back.state_dict()[k], v), k
+    assert isinstance(neuron, clfast.nn.Neuron) and isinstance(neuron_back, seed.Neuron)
+    x = torch.randn(7, 50, dtype=torch.float64)
+    torch.testing.assert_close(neuron(x), ref.dan3.neurons[0](x))
+
+
+def test_activation_with_parameters_and_non_elementwise_activation():
+    """PReLU (a parameter, shared by every neuron and layer as in the seed) and Softmax(dim=1) run on the
+    reference path and match the seed, gradients of the activation's parameter included."""
+    for act in (nn.PReLU(), nn.Softmax(dim=1)):
+        ref, fast = _seed_and_fast(act)
+        assert fast.dan1.act_fn is fast.dan3.act_fn and fast.dan1.act_fn is not ref.dan1.neurons[0].core[2]
+        x = torch.randn(10, 12)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = fast(x)
+        out_ref = ref(x)
+        torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
+        out.sum().backward()
+        out_ref.sum().backward()
+        if isinstance(act, nn.PReLU):
+            torch.testing.assert_close(fast.dan1.act_fn.weight.grad, ref.dan1.neurons[0].core[2].weight.grad,
+                                       rtol=1e-4, atol=1e-5)
+        _compare_modules(fast, ref)
+
+
+def test_seed_settings_clfast_cannot_hold_are_refused():
+    ref = seed.DANLayer(2, 4, 3, 2)
+    ref.neurons[1].core[3].momentum = 0.5
+    with pytest.raises(ValueError, match="share one momentum and eps"):
+        clfast.nn.DANLayer.from_reference(ref)
+    shared = clfast.nn.DANLayer(2, 4, 3, 2, shared=True)
+    with pytest.raises(RuntimeError, match="neurons differ"):
+        shared.load_state_dict(seed.DANLayer(2, 4, 3, 2).state_dict())
+
+
+def test_train_mode_refuses_empty_batches(backend):
+    layer = clfast.nn.DANLayer(3, 4, 5, 2)
+    with pytest.raises(ValueError, match="empty batch"):
+        layer(torch.randn(0, 4))
+    assert int(layer.bn1_num_batches_tracked[0]) == 0
+
+
+def test_failures_on_the_reference_path_change_nothing():
+    class Boom(nn.Module):
+        def forward(self, h):
+            raise RuntimeError("boom")
+
+    layer = clfast.nn.DANLayer(2, 4, 3, 2, act_fn=Boom())
+    state = copy.deepcopy(layer.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match="boom"):
+            layer(torch.randn(6, 4))
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    half = clfast.nn.DANLayer(2, 4, 3, 2).to(torch.bfloat16)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        half(torch.randn(6, 4, dtype=torch.bfloat16))
+
+
+def test_notebook_parameter_count():
+    assert sum(p.numel() for p in clfast.nn.DAN(100, 1, act=nn.ReLU()).parameters()) == 78901  # as printed there
+
+
+def test_vecdan_state_dict_and_parameter_split():
+    torch.manual_seed(0)
+    net = clfast.nn.VECDAN(2, 1, neurons=(3, 2), n_channels=2, n_nf=4, n_nout=2, act_fn=nn.PReLU())
+    split = [id(p) for p in net.phenotype_parameters()] + [id(p) for p in net.synapse_parameters()]
+    assert sorted(split) == sorted(id(p) for p in net.parameters())  # every parameter, once
+    net(torch.randn(8, 2))  # move the running statistics
+    twin = clfast.nn.VECDAN(2, 1, neurons=(3, 2), n_channels=2, n_nf=4, n_nout=2, act_fn=nn.PReLU())
+    twin.load_state_dict(net.state_dict())
+    net.eval()
+    twin.eval()
+    x = torch.randn(5, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(twin(x), net(x))
+    with pytest.raises(ValueError, match=r"expected an input \[batch, 2\]"):
+        net(torch.randn(5, 3))
+    with pytest.raises(TypeError, match="float32"):
+        net(torch.randn(5, 2, dtype=torch.float64))
+    net.train()
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        net(torch.randn(1, 2))

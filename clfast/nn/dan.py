@@ -17,9 +17,10 @@ the previous layer. It runs on the same fused op.
 """
 from __future__ import annotations
 
+import copy
 import math
 import warnings
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -110,11 +111,16 @@ def _check_input(x: Tensor, n: int, ni: int, like: Tensor, training: bool, where
     elif not (x.dim() == 3 and x.shape[0] == n and x.shape[2] == ni):
         raise ValueError(f"{where}: expected an input [batch, {ni}] (or [{n}, batch, {ni}], one per neuron), got "
                          f"shape {list(x.shape)}")
+    if like.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{where}: parameters must be float32 or float64, got {like.dtype}")
     if x.dtype != like.dtype:
         raise TypeError(f"{where}: expected a {like.dtype} input like the layer's parameters, got {x.dtype}")
     if x.device != like.device:
         raise ValueError(f"{where}: the input is on {x.device} but the layer is on {like.device}")
-    if training and x.shape[-2] <= 1:
+    if training and x.shape[-2] == 0:
+        raise ValueError(f"{where}: an empty batch has no batch statistics in train mode (nn.BatchNorm1d would "
+                         "turn the running statistics into NaN)")
+    if training and x.shape[-2] == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
 
 
@@ -178,25 +184,51 @@ class DANLayer(_Stacked):
     # ---- conversions from and to the seed's modules ----
 
     @classmethod
-    def from_reference(cls, layer: nn.Module) -> "DANLayer":
+    def from_reference(cls, layer: nn.Module, memo: Optional[dict] = None) -> "DANLayer":
         """A DANLayer with the parameters and BatchNorm state of a seed ``DANLayer`` (``clfast.reference.dan``
-        or the notebook's own class)."""
-        bn1, lin1, act, _, _, _, lin3 = layer.neurons[0].core
-        with torch.random.fork_rng(devices=[]):  # the throw-away initialisation leaves the global RNG as it was
-            new = DANLayer(len(layer.neurons), lin1.in_features, lin1.out_features, lin3.out_features,
-                           bias=lin1.bias is not None, act_fn=act, momentum=bn1.momentum, eps=bn1.eps)
-        new.load_state_dict(layer.state_dict())
-        return new.to(lin1.weight.device, lin1.weight.dtype).train(layer.training)
+        or the notebook's own class). The activation module is copied (``memo``: ``copy.deepcopy``'s, to share
+        one copy between layers)."""
+        return _convert_from(DANLayer, layer, list(layer.neurons), memo)
 
-    def to_reference(self) -> _seed.DANLayer:
+    def to_reference(self, memo: Optional[dict] = None) -> _seed.DANLayer:
         """The seed's ``DANLayer`` (``clfast.reference.dan``) with this layer's parameters and BatchNorm state."""
-        ref = _seed.DANLayer(self._n, self._ni, self.n_nf, self.n_nout_ni, bias=self.bias1 is not None,
-                             act_fn=self.act_fn)
-        for neuron in ref.neurons:
+        with torch.random.fork_rng(devices=[]):  # its throw-away initialisation leaves the global RNG alone
+            ref = _seed.DANLayer(self._n, self._ni, self.n_nf, self.n_nout_ni, bias=self.bias1 is not None,
+                                 act_fn=copy.deepcopy(self.act_fn, memo))
+        return self._fill_reference(ref, list(ref.neurons))
+
+    def _fill_reference(self, ref: nn.Module, neurons: List[nn.Module], single: bool = False) -> nn.Module:
+        for neuron in neurons:
             neuron.core[0].momentum = neuron.core[3].momentum = self.momentum
             neuron.core[0].eps = neuron.core[3].eps = self.eps
-        ref.load_state_dict(_to_seed_layout(self.state_dict(), self._n))
-        return ref.to(self.weight1.device, self.weight1.dtype).train(self.training)
+        ref = ref.to(self.weight1.device, self.weight1.dtype)
+        state = _to_seed_layout(self.state_dict(), self._n)
+        if single:  # a seed Neuron: its keys are core.*
+            state = {k[len("neurons.0."):]: v for k, v in state.items()}
+        ref.load_state_dict(state)
+        return ref.train(self.training)
+
+
+def _convert_from(cls, module: nn.Module, neurons: List[nn.Module], memo: Optional[dict]) -> "DANLayer":
+    """A ``cls`` (DANLayer or Neuron) holding the state of the seed's ``module`` made of ``neurons``."""
+    bn1, lin1, act, bn2, _, _, lin3 = neurons[0].core
+    for neuron in neurons:
+        b1, b2 = neuron.core[0], neuron.core[3]
+        if (b1.momentum, b1.eps) != (bn1.momentum, bn1.eps) or (b2.momentum, b2.eps) != (bn1.momentum, bn1.eps):
+            raise ValueError("clfast.nn: every BatchNorm of a DAN layer must share one momentum and eps, got "
+                             f"{(b1.momentum, b1.eps)} and {(b2.momentum, b2.eps)}")
+    act = copy.deepcopy(act, memo)
+    with torch.random.fork_rng(devices=[]):  # the throw-away initialisation leaves the global RNG as it was
+        if cls is Neuron:
+            new = Neuron(lin1.in_features, lin1.out_features, lin3.out_features, bias=lin1.bias is not None,
+                         act_fn=act)
+            new.momentum, new.eps = bn1.momentum, bn1.eps
+        else:
+            new = DANLayer(len(neurons), lin1.in_features, lin1.out_features, lin3.out_features,
+                           bias=lin1.bias is not None, act_fn=act, momentum=bn1.momentum, eps=bn1.eps)
+    new = new.to(lin1.weight.device, lin1.weight.dtype)  # before loading: no float32 round trip
+    new.load_state_dict(module.state_dict())
+    return new.train(module.training)
 
 
 def _to_seed_layout(state: Dict[str, Tensor], n: int) -> Dict[str, Tensor]:
@@ -207,6 +239,11 @@ def _to_seed_layout(state: Dict[str, Tensor], n: int) -> Dict[str, Tensor]:
         value = state[name]
         for i in range(n):  # a shared phenotype (leading dimension 1) is copied into every neuron
             out[f"neurons.{i}.core.{index}.{attr}"] = value[0 if value.shape[0] == 1 else i].clone()
+    for key, value in state.items():  # an activation with state: the seed shares it at core.2 and core.5
+        if key.startswith("act_fn."):
+            for i in range(n):
+                for index in (2, 5):
+                    out[f"neurons.{i}.core.{index}.{key[len('act_fn.'):]}"] = value.clone()
     return out
 
 
@@ -221,6 +258,8 @@ def _from_seed_layout(module, state_dict, prefix, local_metadata, strict, missin
     for name, (index, attr) in _SEED_NAMES.items():
         keys = [f"{prefix}neurons.{i}.core.{index}.{attr}" for i in range(module._n)]
         if not all(k in state_dict for k in keys):
+            if "num_batches" in name and f"{prefix}neurons.0.core.{index}.running_mean" in state_dict:
+                state_dict[prefix + name] = torch.zeros(module._n, dtype=torch.long)  # an old BatchNorm's
             continue
         values = [state_dict.pop(k) for k in keys]
         stacked = torch.stack([v.reshape(()) if "num_batches" in name else v for v in values])
@@ -229,6 +268,13 @@ def _from_seed_layout(module, state_dict, prefix, local_metadata, strict, missin
                 error_msgs.append(f"{prefix}{name}: the seed's neurons differ, a shared layer needs them equal")
             stacked = stacked[:1]
         state_dict[prefix + name] = stacked
+    act_prefix = prefix + "neurons.0.core.2."
+    for key in [k for k in state_dict if k.startswith(prefix + "neurons.")]:
+        parts = key[len(prefix):].split(".")  # neurons, i, core, index, ...
+        if len(parts) > 4 and parts[2] == "core" and parts[3] in ("2", "5"):
+            value = state_dict.pop(key)
+            if key.startswith(act_prefix):
+                state_dict[prefix + "act_fn." + ".".join(parts[4:])] = value
 
 
 class Neuron(DANLayer):
@@ -236,6 +282,18 @@ class Neuron(DANLayer):
 
     def __init__(self, ni: int, nf: int, nout_ni: int, bias: bool = True, act_fn: Optional[nn.Module] = None) -> None:
         super().__init__(1, ni, nf, nout_ni, bias=bias, act_fn=act_fn)
+
+    @classmethod
+    def from_reference(cls, neuron: nn.Module, memo: Optional[dict] = None) -> "Neuron":
+        """A Neuron with the parameters and BatchNorm state of a seed ``Neuron``."""
+        return _convert_from(Neuron, neuron, [neuron], memo)
+
+    def to_reference(self, memo: Optional[dict] = None) -> _seed.Neuron:
+        """The seed's ``Neuron`` with this neuron's parameters and BatchNorm state."""
+        with torch.random.fork_rng(devices=[]):
+            ref = _seed.Neuron(self._ni, self.n_nf, self.n_nout_ni, bias=self.bias1 is not None,
+                               act_fn=copy.deepcopy(self.act_fn, memo))
+        return self._fill_reference(ref, [ref], single=True)
 
 
 class DAN(nn.Module):
@@ -256,16 +314,18 @@ class DAN(nn.Module):
         """A DAN with the parameters and BatchNorm state of a seed ``DAN``."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
+        memo: dict = {}  # the three layers share one copy of the activation, as the seed's share theirs
         for name in ("dan1", "dan2", "dan3"):
-            setattr(new, name, DANLayer.from_reference(getattr(dan, name)))
+            setattr(new, name, DANLayer.from_reference(getattr(dan, name), memo))
         return new.train(dan.training)
 
     def to_reference(self) -> _seed.DAN:
         """The seed's ``DAN`` (``clfast.reference.dan``) with this DAN's parameters and BatchNorm state."""
         ref = _seed.DAN.__new__(_seed.DAN)
         nn.Module.__init__(ref)
+        memo: dict = {}
         for name in ("dan1", "dan2", "dan3"):
-            setattr(ref, name, getattr(self, name).to_reference())
+            setattr(ref, name, getattr(self, name).to_reference(memo))
         return ref.train(self.training)
 
 
@@ -290,6 +350,7 @@ class VECDAN(_Stacked):
     for l = 0) into one ``n_channels`` vector per neuron; every neuron is the shared phenotype ``n_channels ->
     n_nf -> n_nf -> n_nout``; a Linear readout maps the last layer's outputs to ``out_features``. Meta-learn
     the phenotype, then :meth:`freeze_phenotype` and train only :meth:`synapse_parameters` on new tasks.
+    ``bias`` applies to the phenotype's Linears (synapses and readout always have biases).
     """
 
     def __init__(self, in_features: int, out_features: int, neurons: Sequence[int] = (8, 8), n_channels: int = 4,
@@ -312,17 +373,20 @@ class VECDAN(_Stacked):
     def forward(self, x: Tensor) -> Tensor:
         """x [B, in_features] -> [B, out_features]."""
         params = [getattr(self.phenotype, k) for k in PARAMS]
+        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.synapses[0].in_features:
+            raise ValueError(f"VECDAN: expected an input [batch, {self.synapses[0].in_features}], got "
+                             f"{list(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        _check_input(x, 1, x.shape[1], params[0], self.training, "VECDAN")  # dtype, device, batch size
         h = x
         for synapse, stats, n in zip(self.synapses, self.stats, self.neurons):
-            if h.dim() != 2 or h.shape[1] != synapse.in_features:
-                raise ValueError(f"VECDAN: expected an input [batch, {synapse.in_features}], got {list(h.shape)}")
             v = synapse(h).view(h.shape[0], n, self.n_channels).transpose(0, 1)  # [N, B, channels]
-            _check_input(v, n, self.n_channels, params[0], self.training, "VECDAN")
             h = self._run(v, params, [getattr(stats, k) for k in STATS], n)
         return self.readout(h)
 
     def phenotype_parameters(self) -> Iterator[nn.Parameter]:
-        return self.phenotype.parameters()
+        """The shared neuron parameters (and the activation's, if it has any)."""
+        yield from self.phenotype.parameters()
+        yield from self.act_fn.parameters()
 
     def synapse_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.synapses.parameters()
@@ -330,6 +394,6 @@ class VECDAN(_Stacked):
 
     def freeze_phenotype(self, frozen: bool = True) -> "VECDAN":
         """Stops (or restarts) learning of the shared phenotype; the synapses keep learning."""
-        for p in self.phenotype.parameters():
+        for p in self.phenotype_parameters():
             p.requires_grad_(not frozen)
         return self

@@ -117,10 +117,24 @@ def dan_layer(x: Tensor, bn1_weight: Tensor, bn1_bias: Tensor, weight1: Tensor, 
     if isinstance(act, int):
         act = ACTIVATIONS[act]
     n = weight1.shape[0]
+    # The statistics are updated on copies and written back only once the whole layer has run, so an input or
+    # activation that raises leaves them as they were.
+    stats = [running_mean1, running_var1, num_batches1, running_mean2, running_var2, num_batches2]
+    work = [None if t is None or not training else t.clone() for t in stats]
+    rm1, rv1, nb1, rm2, rv2, nb2 = [w if training else t for w, t in zip(work, stats)]
+
+    def activate(h: Tensor) -> Tensor:  # on [N * B, C], the [batch, features] layout the seed's act sees
+        return act(h.reshape(-1, h.shape[-1])).view(h.shape)
+
     h = x.unsqueeze(0).expand(n, *x.shape) if x.dim() == 2 else x
-    h = _batch_norm(h, running_mean1, running_var1, num_batches1, bn1_weight, bn1_bias, training, momentum, eps)
-    h = act(_linear(h, weight1, bias1))
-    h = _batch_norm(h, running_mean2, running_var2, num_batches2, bn2_weight, bn2_bias, training, momentum, eps)
-    h = act(_linear(h, weight2, bias2))
+    h = _batch_norm(h, rm1, rv1, nb1, bn1_weight, bn1_bias, training, momentum, eps)
+    h = activate(_linear(h, weight1, bias1))
+    h = _batch_norm(h, rm2, rv2, nb2, bn2_weight, bn2_bias, training, momentum, eps)
+    h = activate(_linear(h, weight2, bias2))
     y = _linear(h, weight3, bias3)  # [N, B, no]
+    if training:
+        with torch.no_grad():
+            for t, w in zip(stats, work):
+                if t is not None:
+                    t.copy_(w)
     return y.transpose(0, 1).reshape(y.shape[1], y.shape[0] * y.shape[2])
