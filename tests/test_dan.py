@@ -135,15 +135,17 @@ def _compare_modules(fast, ref, rtol=1e-4, atol=1e-5):
         torch.testing.assert_close(back[k], v, rtol=rtol, atol=atol, msg=k)
 
 
+@pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("act", list(ACTS))
 @pytest.mark.parametrize("bias", [True, False])
-def test_dan_training_matches_seed(backend, act, bias):
+def test_dan_training_matches_seed(backend, device, act, bias):
     """Outputs, gradients of every parameter, SGD steps and BatchNorm state (train and eval) equal the seed's."""
     ref, fast = _seed_and_fast(ACTS[act](), bias)
+    ref, fast = ref.to(device), fast.to(device)
     opt_r, opt_f = torch.optim.SGD(ref.parameters(), 0.05), torch.optim.SGD(fast.parameters(), 0.05)
     g = torch.Generator().manual_seed(1)
     for step in range(4):
-        x, y = torch.randn(16, 12, generator=g), torch.randn(16, 3, generator=g)
+        x, y = torch.randn(16, 12, generator=g).to(device), torch.randn(16, 3, generator=g).to(device)
         for m, o in ((ref, opt_r), (fast, opt_f)):
             o.zero_grad()
             m.out = m(x)
@@ -161,7 +163,7 @@ def test_dan_training_matches_seed(backend, act, bias):
     _compare_modules(fast, ref)
     ref.eval()
     fast.eval()
-    x = torch.randn(5, 12, generator=g)
+    x = torch.randn(5, 12, generator=g).to(device)
     torch.testing.assert_close(fast(x), ref(x), rtol=1e-4, atol=1e-5)
 
 
@@ -310,11 +312,13 @@ def test_device_moves(device):
 
 
 @needs_native
-def test_torch_compile():
+@pytest.mark.parametrize("device", device_params())
+def test_torch_compile(device):
     ref, fast = _seed_and_fast(nn.Tanh())
+    fast = fast.to(device)
     eager = copy.deepcopy(fast)
     compiled = torch.compile(fast, fullgraph=True)
-    x = torch.randn(16, 12)
+    x = torch.randn(16, 12, device=device)
     out_c, out_e = compiled(x), eager(x)
     torch.testing.assert_close(out_c, out_e)
     out_c.square().sum().backward()
