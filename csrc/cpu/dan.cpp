@@ -1,12 +1,14 @@
 // DAN layer ops on the CPU: the column passes of csrc/dan.h. Each pass works on tiles of kTile columns
-// of the logical [B, C] activation matrix (contiguous in both layouts, so the inner loop vectorises), one tile
-// per task of at::parallel_for; column statistics are accumulated in double.
+// of the logical [B, C] activation matrix (contiguous in both layouts), one tile per task of at::parallel_for.
+// Full tiles have a compile-time width, so their row loops vectorise; column sums run in scalar_t over blocks
+// of kRowBlock rows and are added up in double.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../dan.h"
@@ -15,6 +17,40 @@ namespace clfast::cpu {
 namespace {
 
 constexpr int64_t kTile = 16;
+constexpr int64_t kRowBlock = 64;
+
+// Calls f(W) with W the tile's width: a compile-time constant for full tiles.
+template <typename F>
+void with_width(int64_t w, F&& f) {
+  if (w == kTile) {
+    f(std::integral_constant<int64_t, kTile>{});
+  } else {
+    f(w);
+  }
+}
+
+// Calls f(std::bool_constant<flag>{}).
+template <typename F>
+void with_flag(bool flag, F&& f) {
+  if (flag) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// out[j] += sum over rows b of add(b, acc) for j < W, where add(b, acc) adds row b's terms into acc[j]
+// (scalar_t lanes); K independent sums share the pass.
+template <typename T, int K, typename Wd, typename F>
+void column_sums(int64_t B, Wd W, double (&out)[K][kTile], F&& add) {
+  for (int64_t b0 = 0; b0 < B; b0 += kRowBlock) {
+    T acc[K][kTile] = {};
+    const int64_t b1 = std::min(B, b0 + kRowBlock);
+    for (int64_t b = b0; b < b1; ++b) add(b, acc);
+    for (int k = 0; k < K; ++k)
+      for (int64_t j = 0; j < W; ++j) out[k][j] += acc[k][j];
+  }
+}
 
 // Element (b, g * Cg + j) of a [B, C] matrix sits at base(g) + b * row + j.
 struct View {
@@ -38,7 +74,8 @@ void for_tiles(int64_t B, int64_t C, int64_t groups, F&& f) {
 }
 
 struct CpuKernels {
-  // u = normalize ? (h - mean) * rstd : h per column of the [B, C] matrix h, with its mean and biased var.
+  // u = normalize ? (h - mean) * rstd : h per column of the [B, C] matrix h, with its mean and biased variance
+  // (two passes: the centred sum of squares has no cancellation).
   static void col_norm(const at::Tensor& h, bool h_grouped, const at::Tensor& u, bool u_grouped, int64_t B, int64_t C,
                        int64_t groups, bool normalize, double eps, const at::Tensor& mean, const at::Tensor& var) {
     AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "dan_col_norm", [&] {
@@ -53,27 +90,30 @@ struct CpuKernels {
           for (int64_t b = 0; b < B; ++b) std::copy_n(hp + hv.at(g, b) + j0, w, up + uv.at(g, b) + j0);
           return;
         }
-        double s[kTile] = {}, q[kTile] = {};
-        for (int64_t b = 0; b < B; ++b) {
-          const scalar_t* __restrict__ hr = hp + hv.at(g, b) + j0;
-          for (int64_t j = 0; j < w; ++j) {
-            s[j] += hr[j];
-            q[j] += static_cast<double>(hr[j]) * hr[j];
+        with_width(w, [&](auto W) {
+          double sum[1][kTile] = {}, sq[1][kTile] = {};
+          column_sums<scalar_t>(B, W, sum, [&](int64_t b, scalar_t (&acc)[1][kTile]) {
+            const scalar_t* __restrict__ hr = hp + hv.at(g, b) + j0;
+            for (int64_t j = 0; j < W; ++j) acc[0][j] += hr[j];
+          });
+          scalar_t m[kTile], r[kTile];
+          for (int64_t j = 0; j < W; ++j) m[j] = static_cast<scalar_t>(sum[0][j] / B);
+          column_sums<scalar_t>(B, W, sq, [&](int64_t b, scalar_t (&acc)[1][kTile]) {
+            const scalar_t* __restrict__ hr = hp + hv.at(g, b) + j0;
+            for (int64_t j = 0; j < W; ++j) acc[0][j] += (hr[j] - m[j]) * (hr[j] - m[j]);
+          });
+          for (int64_t j = 0; j < W; ++j) {
+            const double v = sq[0][j] / B;  // NaN stays NaN
+            r[j] = static_cast<scalar_t>(1.0 / std::sqrt(v + eps));
+            mp[g * Cg + j0 + j] = m[j];
+            vp[g * Cg + j0 + j] = static_cast<scalar_t>(v);
           }
-        }
-        scalar_t m[kTile], r[kTile];
-        for (int64_t j = 0; j < w; ++j) {
-          const double mu = s[j] / B, d = q[j] / B - mu * mu, v = d < 0.0 ? 0.0 : d;  // NaN stays NaN
-          m[j] = static_cast<scalar_t>(mu);
-          r[j] = static_cast<scalar_t>(1.0 / std::sqrt(v + eps));
-          mp[g * Cg + j0 + j] = m[j];
-          vp[g * Cg + j0 + j] = static_cast<scalar_t>(v);
-        }
-        for (int64_t b = 0; b < B; ++b) {
-          const scalar_t* __restrict__ hr = hp + hv.at(g, b) + j0;
-          scalar_t* __restrict__ ur = up + uv.at(g, b) + j0;
-          for (int64_t j = 0; j < w; ++j) ur[j] = (hr[j] - m[j]) * r[j];
-        }
+          for (int64_t b = 0; b < B; ++b) {
+            const scalar_t* __restrict__ hr = hp + hv.at(g, b) + j0;
+            scalar_t* __restrict__ ur = up + uv.at(g, b) + j0;
+            for (int64_t j = 0; j < W; ++j) ur[j] = (hr[j] - m[j]) * r[j];
+          }
+        });
       });
     });
   }
@@ -92,38 +132,43 @@ struct CpuKernels {
       const View duv(du_grouped, B, C, groups), zv(z_grouped, B, C, groups), dzv(dz_grouped, B, C, groups);
       const int64_t Cg = C / groups;
       with_act(act, [&](auto A) {
-        for_tiles(B, C, groups, [&](int64_t g, int64_t j0, int64_t w) {
-          scalar_t r[kTile] = {}, mdu[kTile] = {}, mduu[kTile] = {};
-          if (normalize) {
-            double s[kTile] = {}, su[kTile] = {};
-            for (int64_t b = 0; b < B; ++b) {
-              const scalar_t* __restrict__ dr = dup + duv.at(g, b) + j0;
-              const scalar_t* __restrict__ ur = upp + duv.at(g, b) + j0;
-              for (int64_t j = 0; j < w; ++j) {
-                s[j] += dr[j];
-                su[j] += static_cast<double>(dr[j]) * ur[j];
+        with_flag(normalize, [&](auto Norm) {
+          for_tiles(B, C, groups, [&](int64_t g, int64_t j0, int64_t w) {
+            with_width(w, [&](auto W) {
+              scalar_t r[kTile] = {}, mdu[kTile] = {}, mduu[kTile] = {};
+              if constexpr (Norm.value) {
+                double sums[2][kTile] = {};
+                column_sums<scalar_t>(B, W, sums, [&](int64_t b, scalar_t (&acc)[2][kTile]) {
+                  const scalar_t* __restrict__ dr = dup + duv.at(g, b) + j0;
+                  const scalar_t* __restrict__ ur = upp + duv.at(g, b) + j0;
+                  for (int64_t j = 0; j < W; ++j) {
+                    acc[0][j] += dr[j];
+                    acc[1][j] += dr[j] * ur[j];
+                  }
+                });
+                for (int64_t j = 0; j < W; ++j) {
+                  r[j] = static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(vp[g * Cg + j0 + j]) + eps));
+                  mdu[j] = static_cast<scalar_t>(sums[0][j] / B);
+                  mduu[j] = static_cast<scalar_t>(sums[1][j] / B);
+                }
               }
-            }
-            for (int64_t j = 0; j < w; ++j) {
-              r[j] = static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(vp[g * Cg + j0 + j]) + eps));
-              mdu[j] = static_cast<scalar_t>(s[j] / B);
-              mduu[j] = static_cast<scalar_t>(su[j] / B);
-            }
-          }
-          double cs[kTile] = {};
-          for (int64_t b = 0; b < B; ++b) {
-            const scalar_t* __restrict__ dr = dup + duv.at(g, b) + j0;
-            const scalar_t* __restrict__ ur = normalize ? upp + duv.at(g, b) + j0 : nullptr;
-            const scalar_t* __restrict__ zr = A.value != kIdentity ? zp + zv.at(g, b) + j0 : nullptr;
-            scalar_t* __restrict__ out = dzp + dzv.at(g, b) + j0;
-            for (int64_t j = 0; j < w; ++j) {
-              const scalar_t dh = normalize ? r[j] * (dr[j] - mdu[j] - ur[j] * mduu[j]) : dr[j];
-              const scalar_t v = A.value != kIdentity ? act_backward<scalar_t>(A.value, dh, zr[j]) : dh;
-              out[j] = v;
-              cs[j] += v;
-            }
-          }
-          for (int64_t j = 0; j < w; ++j) cp[g * Cg + j0 + j] = static_cast<scalar_t>(cs[j]);
+              double cs[1][kTile] = {};
+              column_sums<scalar_t>(B, W, cs, [&](int64_t b, scalar_t (&acc)[1][kTile]) {
+                const scalar_t* __restrict__ dr = dup + duv.at(g, b) + j0;
+                scalar_t* __restrict__ out = dzp + dzv.at(g, b) + j0;
+                const scalar_t* __restrict__ ur = Norm.value ? upp + duv.at(g, b) + j0 : nullptr;
+                const scalar_t* __restrict__ zr = A.value != kIdentity ? zp + zv.at(g, b) + j0 : nullptr;
+                for (int64_t j = 0; j < W; ++j) {
+                  scalar_t dh = dr[j];
+                  if constexpr (Norm.value) dh = r[j] * (dr[j] - mdu[j] - ur[j] * mduu[j]);
+                  const scalar_t v = A.value != kIdentity ? act_backward<scalar_t>(A.value, dh, zr[j]) : dh;
+                  out[j] = v;
+                  acc[0][j] += v;
+                }
+              });
+              for (int64_t j = 0; j < W; ++j) cp[g * Cg + j0 + j] = static_cast<scalar_t>(cs[0][j]);
+            });
+          });
         });
       });
     });
