@@ -2,9 +2,10 @@
 
 A DAN layer is N small MLPs ("neurons", each ``BN -> Linear -> act -> BN -> Linear -> act -> Linear``) reading
 the same input. The seed notebook runs them as a Python loop of ``nn.Sequential``; here each layer keeps its
-parameters stacked (``[N, ...]``) and runs as one fused op forward and one backward (``clfast::dan_layer_*``):
-the first Linear of all neurons is one GEMM, the others are batched over neurons, and BatchNorm and the
-activation are folded into the passes around them.
+parameters stacked (``[N, ...]``) and runs as one op call (``clfast::dan_layer``: the fused forward, its
+running-statistics update, and one fused backward through C++ autograd): the first Linear of all neurons is one
+GEMM, the others are batched over neurons, and BatchNorm and the activation are folded into the passes around
+them.
 
 ``Neuron``, ``DANLayer`` and ``DAN`` take the seed's constructor arguments, draw the same initial parameters
 from the same seed, and compute the same outputs, gradients and BatchNorm running statistics.
