@@ -29,8 +29,8 @@ def _model(kind, device):
 def _bench(benchmark, device, impl, kind, batch, with_step):
     if impl.startswith("native") and not clfast.native_available():
         pytest.skip("native extension not built")
-    if impl == "bmm_compiled" and device != "cuda":
-        pytest.skip("torch.compile baseline is measured on CUDA")
+    if impl == "bmm_compiled" and (device != "cuda" or batch != 64 or kind != "dan"):
+        pytest.skip("the torch.compile baseline is the H100 goal's: CUDA, the notebook's DAN, batch 64")
     if impl == "native+fused_adam" and not with_step:
         pytest.skip("same as native without an optimizer step")
     ref, fast = _model(kind, device)
