@@ -7,7 +7,7 @@ import torch
 import clfast
 from clfast.buffer import ReservoirBuffer
 from clfast.reference.buffer import ListDataBuffer
-from clfast.testing import sync
+from clfast.testing import measure
 
 pytestmark = pytest.mark.benchmark(min_rounds=20, max_time=2.0, warmup=True, warmup_iterations=3)
 CAPACITY, BATCH = 10_000, 256
@@ -38,28 +38,22 @@ def test_add(benchmark, device, impl):
         pytest.skip("native extension not built")
     buf, (x, y) = _filled(impl, device)
 
-    def run():
+    def step():
         if impl == "seed":
             buf.update_buffer(list(zip(x.cpu(), y.cpu())))
         else:
             buf.add(x, y)
-        sync(device)
 
-    benchmark.group = f"buffer add 256 into 10k [{device}]"
-    benchmark.extra_info["baseline"] = f"test_add[{device}-seed]"
-    benchmark(run)
+    measure(benchmark, step, device, "buffer add 256 into 10k", f"test_add[{device}-seed]")
 
 
 @pytest.mark.parametrize("impl", ["seed", "clfast"])
 def test_sample(benchmark, device, impl):
     buf, _ = _filled(impl, device)
 
-    def run():
+    def step():
         x, y = buf.sample(BATCH)
         if impl == "seed":
             x, y = x.to(device), y.to(device)
-        sync(device)
 
-    benchmark.group = f"buffer sample 256 of 10k [{device}]"
-    benchmark.extra_info["baseline"] = f"test_sample[{device}-seed]"
-    benchmark(run)
+    measure(benchmark, step, device, "buffer sample 256 of 10k", f"test_sample[{device}-seed]")

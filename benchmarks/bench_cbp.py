@@ -7,7 +7,7 @@ from torch import nn
 
 import clfast
 from clfast.reference.cbp_clarena import CLArenaCBP
-from clfast.testing import sync
+from clfast.testing import measure
 
 pytestmark = pytest.mark.benchmark(min_rounds=10, max_time=2.0, warmup=True, warmup_iterations=2)
 SIZES = (784, 2000, 2000, 2000, 10)
@@ -35,16 +35,5 @@ def test_cbp_step(benchmark, device, impl):
     else:
         cbp = clfast.CBP(net, replacement_rate=1e-3, maturity_threshold=0)
         step = lambda: cbp.step(acts)  # noqa: E731
-    before = clfast.backend()
-    clfast.set_backend("reference" if impl == "reference" else before)
-
-    def run():
-        step()
-        sync(device)
-
-    benchmark.group = f"CBP step, 784-2000-2000-2000-10, batch 256 [{device}]"
-    benchmark.extra_info["baseline"] = f"test_cbp_step[{device}-clarena]"
-    try:
-        benchmark(run)
-    finally:
-        clfast.set_backend(before)
+    measure(benchmark, step, device, "CBP step, 784-2000-2000-2000-10, batch 256", f"test_cbp_step[{device}-clarena]",
+            backend="reference" if impl == "reference" else None)

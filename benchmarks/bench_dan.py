@@ -9,7 +9,7 @@ from torch import nn
 
 import clfast
 from clfast.reference import dan as seed
-from clfast.testing import sync
+from clfast.testing import measure
 
 pytestmark = pytest.mark.benchmark(min_rounds=10, max_time=2.0, warmup=True, warmup_iterations=3)
 IMPLS = ["seed", "bmm", "bmm_compiled", "native", "native+fused_adam"]
@@ -35,30 +35,23 @@ def _bench(benchmark, device, impl, kind, batch, with_step):
         pytest.skip("same as native without an optimizer step")
     ref, fast = _model(kind, device)
     model = ref if impl == "seed" else fast
-    backend = "reference" if impl.startswith("bmm") else clfast.backend()
+    backend = "reference" if impl.startswith("bmm") else None
     ni = 100 if kind == "dan" else 256
     x = torch.randn(batch, ni, device=device)
     target = torch.randn(batch, 1 if kind == "dan" else 32 * 16, device=device)
     opt = (clfast.optim.Adam if impl == "native+fused_adam" else torch.optim.Adam)(model.parameters(), lr=1e-3)
     forward = torch.compile(model) if impl == "bmm_compiled" else model
-    before = clfast.backend()
-    clfast.set_backend(backend)
 
-    def run():
+    def step():
         opt.zero_grad()
         nn.functional.mse_loss(forward(x), target).backward()
         if with_step:
             opt.step()
-        sync(device)
 
     what = "Adam step" if with_step else "forward+backward"
     name = "DAN 100-(3,2,1 neurons)-1" if kind == "dan" else "wide DAN layer (32 neurons, 256-64-16)"
-    benchmark.group = f"{name}, {what}, batch {batch} [{device}]"
-    benchmark.extra_info["baseline"] = f"{benchmark.name.split('[')[0]}[{device}-seed-{batch}]"
-    try:
-        benchmark(run)
-    finally:
-        clfast.set_backend(before)
+    measure(benchmark, step, device, f"{name}, {what}, batch {batch}",
+            f"{benchmark.name.split('[')[0]}[{device}-seed-{batch}]", backend=backend)
 
 
 @pytest.mark.parametrize("batch", [64, 1024])

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import clfast
-from clfast.testing import sync
+from clfast.testing import measure
 
 pytest.importorskip("nngeometry")
 from nngeometry.object import PVector  # noqa: E402
@@ -42,7 +42,7 @@ def test_penalty_grad(benchmark, device, rep, impl):
     fisher = ewc.fishers[0]
     params = list(model.parameters())
 
-    def run():
+    def step():
         for p in params:
             p.grad = None
         if impl == "nngeometry":
@@ -51,8 +51,6 @@ def test_penalty_grad(benchmark, device, rep, impl):
             ewc.penalty().backward()
         else:
             ewc.add_penalty_grad_(1.0)
-        sync(device)
 
-    benchmark.group = f"EWC {rep} penalty + gradient, 1.8M params [{device}]"
-    benchmark.extra_info["baseline"] = f"test_penalty_grad[{device}-{rep}-nngeometry]"
-    benchmark(run)
+    measure(benchmark, step, device, f"EWC {rep} penalty + gradient, 1.8M params",
+            f"test_penalty_grad[{device}-{rep}-nngeometry]")

@@ -11,7 +11,7 @@ import clfast
 from clfast.models import BaseNet
 from clfast.reference.buffer import ListDataBuffer
 from clfast.reference.ocar import seed_ours_step
-from clfast.testing import sync
+from clfast.testing import measure
 
 pytest.importorskip("nngeometry")
 from nngeometry.metrics import FIM  # noqa: E402
@@ -38,7 +38,7 @@ def test_kfac_solve(benchmark, device, impl):
     ocar._invert(factors)
     grads = [p.grad.clone() for p in model.parameters()]
 
-    def run():
+    def step():
         if impl == "nngeometry":
             fisher.solve(PVector.from_model_grad(model), regul=1e-2)
         else:
@@ -47,11 +47,8 @@ def test_kfac_solve(benchmark, device, impl):
             if impl == "clfast_exact":
                 ocar._invert(factors)
             ocar._apply_kfac(*ocar._inverses)
-        sync(device)
 
-    benchmark.group = f"OCAR KFAC solve, Base_Net [{device}]"
-    benchmark.extra_info["baseline"] = f"test_kfac_solve[{device}-nngeometry]"
-    benchmark(run)
+    measure(benchmark, step, device, "OCAR KFAC solve, Base_Net", f"test_kfac_solve[{device}-nngeometry]")
 
 
 @pytest.mark.parametrize("impl", ["seed_ours", "clfast_ema"])
@@ -71,10 +68,5 @@ def test_step(benchmark, device, impl):
                            generator=torch.Generator(device=device).manual_seed(0))
         step = lambda: ocar.step(x, y)  # noqa: E731
 
-    def run():
-        step()
-        sync(device)
-
-    benchmark.group = f"OCAR training step, Base_Net, 256 + 256 replayed [{device}]"
-    benchmark.extra_info["baseline"] = f"test_step[{device}-seed_ours]"
-    benchmark(run)
+    measure(benchmark, step, device, "OCAR training step, Base_Net, 256 + 256 replayed",
+            f"test_step[{device}-seed_ours]")

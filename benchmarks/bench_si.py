@@ -16,7 +16,7 @@ import clfast
 from clfast import si as csi
 from clfast.reference import si_hypnettorch as seed
 
-from clfast.testing import needs_native, sync
+from clfast.testing import measure, needs_native
 
 pytestmark = [pytest.mark.benchmark(min_rounds=20, max_time=2.0, warmup=True, warmup_iterations=3), needs_native]
 
@@ -45,14 +45,11 @@ def test_pre_post(benchmark, device, impl):
     api = seed if impl == "seed" else csi
     api.si_pre_optim_step(net, params)
 
-    def run():
+    def step():
         api.si_pre_optim_step(net, params)
         api.si_post_optim_step(net, params)
-        sync(device)
 
-    benchmark.group = f"si pre+post [{device}]"
-    benchmark.extra_info["baseline"] = f"test_pre_post[{device}-seed]"
-    benchmark(run)
+    measure(benchmark, step, device, "si pre+post", f"test_pre_post[{device}-seed]")
 
 
 @pytest.mark.parametrize("impl", ["seed", "clfast_functional", "clfast_fused"])
@@ -72,13 +69,7 @@ def test_step(benchmark, device, impl):
             opt.step()
             api.si_post_optim_step(net, params)
 
-    def run():
-        run_step()
-        sync(device)
-
-    benchmark.group = f"SGD step + SI [{device}]"
-    benchmark.extra_info["baseline"] = f"test_step[{device}-seed]"
-    benchmark(run)
+    measure(benchmark, run_step, device, "SGD step + SI", f"test_step[{device}-seed]")
 
 
 # bytes each kernel must move, in parameter-sized float32 arrays (reads + writes)
@@ -103,13 +94,5 @@ def test_kernel(benchmark, device, kernel):
         "sgd_si_step_": lambda: ops.sgd_si_step_(p, g, [], a, 1e-9, 0.0, 0.0, 0.0, False, False),
         "adam_si_step_": lambda: ops.adam_si_step_(p, g, b, c, a, 1e-9, 0.9, 0.999, 1e-8, 0.0, 0.1, 0.001),
     }
-    call = calls[kernel]
-
-    def run():
-        call()
-        sync(device)
-
-    benchmark.group = f"fused kernels, 9.6M params [{device}]"
-    benchmark.extra_info["bytes"] = ARRAYS[kernel] * 4 * _numel(net)
-    benchmark.extra_info["copy"] = f"test_kernel[{device}-copy]"
-    benchmark(run)
+    measure(benchmark, calls[kernel], device, "fused kernels, 9.6M params", bytes=ARRAYS[kernel] * 4 * _numel(net),
+            copy=f"test_kernel[{device}-copy]")

@@ -1,8 +1,11 @@
 """Helpers shared by clfast's tests and benchmarks (imports pytest: not for library code)."""
+from typing import Optional
+
 import pytest
 import torch
 
-from ._ops import native_available
+from ._ops import backend as backend_name
+from ._ops import native_available, set_backend
 
 needs_native = pytest.mark.skipif(not native_available(), reason="native extension not built")
 
@@ -18,3 +21,24 @@ def sync(device: str) -> None:
     """Wait for queued kernels, so a benchmark times the work and not its launch."""
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def measure(benchmark, step, device: str, group: str, baseline: Optional[str] = None,
+            backend: Optional[str] = None, **extra_info) -> None:
+    """Times ``step()`` and a device sync with pytest-benchmark, in group ``"<group> [<device>]"``, naming the
+    benchmark of the same run it is compared with (``baseline``; benchmarks/conftest.py prints the ratios),
+    on ``backend`` if given (the previous one is restored)."""
+    def run():
+        step()
+        sync(device)
+
+    benchmark.group = f"{group} [{device}]"
+    if baseline is not None:
+        benchmark.extra_info["baseline"] = baseline
+    benchmark.extra_info.update(extra_info)
+    before = backend_name()
+    set_backend(backend or before)
+    try:
+        benchmark(run)
+    finally:
+        set_backend(before)
