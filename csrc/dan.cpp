@@ -1,7 +1,6 @@
 // Device-agnostic parts of the DAN layer ops: autograd for dan_layer_forward, the running-statistics update of
 // its BatchNorms, and dan_layer, which chains the two. The autograd function lives in C++ because a DAN step is dominated by per-call overhead:
 // a Python autograd wrapper cost more than the fused kernels it wraps.
-#include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -9,6 +8,8 @@
 #include <optional>
 #include <tuple>
 #include <vector>
+
+#include "dan.h"
 
 namespace clfast {
 namespace {
@@ -46,8 +47,9 @@ std::vector<at::Tensor> call_backward(const at::Tensor& grad_out, const at::Tens
   return op.call(grad_out, x, g1, b1, W1, g2, b2, W2, W3, rm1, rv1, rm2, rv2, saved, eps, act, input_grad);
 }
 
+using dan_detail::present;
+
 OptT opt(const at::Tensor& t) { return t.defined() ? OptT(t) : std::nullopt; }
-bool present(const OptT& t) { return t.has_value() && t->defined(); }
 
 struct DanLayerFunction : public torch::autograd::Function<DanLayerFunction> {
   // Returns {out, saved...}; the saved tensors are outputs too (for dan_bn_update_), never differentiated.

@@ -17,7 +17,7 @@
 #include <tuple>
 #include <vector>
 
-#include "math/act.h"
+#include "math/dan.h"
 
 namespace clfast {
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 __all__ = ["Neuron", "DANLayer", "DAN", "dan_layer", "ACTIVATIONS"]
 
-# The native op's activation codes (csrc/math/act.h).
+# The native op's activation codes (csrc/math/dan.h).
 ACTIVATIONS = {
     0: lambda h: h,
     1: torch.tanh,

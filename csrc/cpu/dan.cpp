@@ -147,7 +147,7 @@ struct CpuKernels {
                   }
                 });
                 for (int64_t j = 0; j < W; ++j) {
-                  r[j] = static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(vp[g * Cg + j0 + j]) + eps));
+                  r[j] = bn_rstd(vp[g * Cg + j0 + j], eps);
                   mdu[j] = static_cast<scalar_t>(sums[0][j] / B);
                   mduu[j] = static_cast<scalar_t>(sums[1][j] / B);
                 }
@@ -174,18 +174,10 @@ struct CpuKernels {
     });
   }
 
-  // (s, t) of one neuron's BN for its `cols` columns (see csrc/dan.h).
+  // (s, t) of one neuron's BN for its `cols` columns.
   template <typename T>
   static void scale_shift(const T* g, const T* b, const T* rm, const T* rv, double eps, int64_t cols, T* s, T* t) {
-    for (int64_t c = 0; c < cols; ++c) {
-      if (rm == nullptr) {
-        s[c] = g[c];
-        t[c] = b[c];
-      } else {
-        s[c] = g[c] * static_cast<T>(1.0 / std::sqrt(static_cast<double>(rv[c]) + eps));
-        t[c] = b[c] - rm[c] * s[c];
-      }
-    }
+    for (int64_t c = 0; c < cols; ++c) bn_scale_shift(g, b, rm, rv, eps, c, s[c], t[c]);
   }
 
   static void fold(const at::Tensor& W, const at::Tensor& bias, const at::Tensor& g, const at::Tensor& b,
@@ -262,12 +254,8 @@ struct CpuKernels {
             }
           }
           for (int64_t c = 0; c < Cc; ++c) {
-            if (rmp == nullptr) {
-              dgp[n * Cc + c] = Pp[c];
-            } else {
-              const scalar_t rstd = static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(rvp[n * Cc + c]) + eps));
-              dgp[n * Cc + c] = rstd * (Pp[c] - rmp[n * Cc + c] * Qp[c]);
-            }
+            dgp[n * Cc + c] = bn_gamma_grad(Pp[c], Qp[c], rmp ? rmp + n * Cc : nullptr, rvp ? rvp + n * Cc : nullptr,
+                                            eps, c);
             dbbp[n * Cc + c] = Qp[c];
           }
         }

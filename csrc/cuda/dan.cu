@@ -101,7 +101,7 @@ __device__ void norm_act_backward_group(int64_t g, const T* __restrict__ du, con
         s += s_a[r][tx];
         su += s_b[r][tx];
       }
-      s_r[tx] = static_cast<T>(1.0 / sqrt(static_cast<double>(var[g * Cg + j]) + eps));
+      s_r[tx] = bn_rstd(var[g * Cg + j], eps);
       s_mdu[tx] = static_cast<T>(s / B);
       s_mduu[tx] = static_cast<T>(su / B);
     }
@@ -144,19 +144,6 @@ __global__ void __launch_bounds__(kCols* kRows) norm_act_backward_kernel(int64_t
   }
 }
 
-// (s, t) of column c of neuron n's BatchNorm (see csrc/dan.h); rm == nullptr in train mode.
-template <typename T>
-__device__ inline void scale_shift(const T* g, const T* b, const T* rm, const T* rv, double eps, int64_t i, T& s,
-                                   T& t) {
-  if (rm == nullptr) {
-    s = g[i];
-    t = b[i];
-  } else {
-    s = g[i] * static_cast<T>(1.0 / sqrt(static_cast<double>(rv[i]) + eps));
-    t = b[i] - rm[i] * s;
-  }
-}
-
 // One warp per row (n, r) of W [N, R, Cc]: Weff = W * s, beff = bias + W . t.
 template <typename T>
 __global__ void fold_kernel(const T* __restrict__ W, const T* __restrict__ bias, const T* __restrict__ g,
@@ -169,7 +156,7 @@ __global__ void fold_kernel(const T* __restrict__ W, const T* __restrict__ bias,
   T acc = T(0);
   for (int64_t c = lane; c < Cc; c += 32) {
     T s, t;
-    scale_shift(g, b, rm, rv, eps, n * Cc + c, s, t);
+    bn_scale_shift(g, b, rm, rv, eps, n * Cc + c, s, t);
     const T w = W[row * Cc + c];
     Weff[row * Cc + c] = w * s;
     acc += w * t;
@@ -189,7 +176,7 @@ __global__ void unfold_backward_kernel(const T* __restrict__ dWeff, const T* __r
   if (i >= N * Cc) return;
   const int64_t n = i / Cc, c = i % Cc;
   T s, t;
-  scale_shift(g, b, rm, rv, eps, i, s, t);
+  bn_scale_shift(g, b, rm, rv, eps, i, s, t);
   T P = T(0), Q = T(0);
   for (int64_t r = 0; r < R; ++r) {
     const int64_t o = (n * R + r) * Cc + c;
@@ -198,7 +185,7 @@ __global__ void unfold_backward_kernel(const T* __restrict__ dWeff, const T* __r
     P += dwe * w;
     Q += dbr * w;
   }
-  dg[i] = rm == nullptr ? P : static_cast<T>(1.0 / sqrt(static_cast<double>(rv[i]) + eps)) * (P - rm[i] * Q);
+  dg[i] = bn_gamma_grad(P, Q, rm, rv, eps, i);
   db[i] = Q;
 }
 
