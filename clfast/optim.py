@@ -29,30 +29,34 @@ def _check_si(si: Optional[SI]) -> Optional[SI]:
     return si
 
 
-def _grad_of(p: Tensor) -> Tensor:
-    if p.grad.is_sparse:
-        raise RuntimeError("clfast.optim does not support sparse gradients")
-    return p.grad
-
-
 class _SIOptimizer(Optimizer):
     """Groups each step's parameters into lists for one op call per (SI-tracked, extra key) bucket."""
 
     si: Optional[SI]
 
-    def _buckets(self, group: dict, key: Callable[[Tensor, dict], object]) -> Dict[tuple, Tuple[list, list, list]]:
-        """(tracked by SI, key(p, state)) -> (params, grads, omegas) for the params of ``group`` with grads."""
-        buckets: Dict[tuple, Tuple[list, list, list]] = defaultdict(lambda: ([], [], []))
+    def _buckets(self, group: dict, key: Callable[[dict], object]) -> Dict[tuple, Tuple[list, list, list, list]]:
+        """(tracked by SI, key(state)) -> (params, grads, omegas, states) for the params of ``group`` with grads.
+        One pass, one state lookup per parameter: this runs every step."""
+        buckets: Dict[tuple, Tuple[list, list, list, list]] = {}
         position = self.si._position if self.si is not None else {}
+        all_states = self.state
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
+            if grad.is_sparse:
+                raise RuntimeError("clfast.optim does not support sparse gradients")
+            state = all_states[p]
             k = position.get(id(p))
-            bucket = buckets[(k is not None, key(p, self.state[p]))]
+            bucket_key = (k is not None, key(state))
+            bucket = buckets.get(bucket_key)
+            if bucket is None:
+                bucket = buckets[bucket_key] = ([], [], [], [])
             bucket[0].append(p)
-            bucket[1].append(_grad_of(p))
+            bucket[1].append(grad)
             if k is not None:
                 bucket[2].append(self.si.omega[k])
+            bucket[3].append(state)
         return buckets
 
 
@@ -88,12 +92,11 @@ class SGD(_SIOptimizer):
                 loss = closure()
         for group in self.param_groups:
             use_momentum = group["momentum"] != 0
-            key = lambda p, state: use_momentum and state.get("momentum_buffer") is None  # noqa: E731
-            for (_, init), (params, grads, omegas) in self._buckets(group, key).items():
+            key = lambda state: use_momentum and state.get("momentum_buffer") is None  # noqa: E731
+            for (_, init), (params, grads, omegas, states) in self._buckets(group, key).items():
                 bufs: List[Tensor] = []
                 if use_momentum:
-                    for p in params:
-                        state = self.state[p]
+                    for p, state in zip(params, states):
                         if state.get("momentum_buffer") is None:
                             state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
                         bufs.append(state["momentum_buffer"])
@@ -101,6 +104,12 @@ class SGD(_SIOptimizer):
                                   dampening=group["dampening"], weight_decay=group["weight_decay"],
                                   nesterov=group["nesterov"], init_buffers=bool(init))
         return loss
+
+
+def _adam_step_of(state: dict) -> int:
+    step = state.get("step", 0)
+    # A CPU tensor when the state came from torch.optim.Adam: float() is no device sync.
+    return step if type(step) is int else int(float(step))
 
 
 class Adam(_SIOptimizer):
@@ -129,19 +138,15 @@ class Adam(_SIOptimizer):
                 loss = closure()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is not None and len(self.state[p]) == 0:
-                    self.state[p]["step"] = 0
-                    self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    self.state[p]["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            # `step` may be a CPU tensor when the state came from torch.optim.Adam: float() is no device sync.
-            key = lambda p, state: int(float(state["step"]))  # noqa: E731
-            for (_, step), (params, grads, omegas) in self._buckets(group, key).items():
+            for (_, step), (params, grads, omegas, states) in self._buckets(group, _adam_step_of).items():
                 step += 1
-                for p in params:
-                    self.state[p]["step"] = step
-                _ops.adam_si_step_(params, grads, [self.state[p]["exp_avg"] for p in params],
-                                   [self.state[p]["exp_avg_sq"] for p in params], omegas, lr=group["lr"],
+                for p, state in zip(params, states):
+                    if not state:
+                        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["step"] = step
+                _ops.adam_si_step_(params, grads, [state["exp_avg"] for state in states],
+                                   [state["exp_avg_sq"] for state in states], omegas, lr=group["lr"],
                                    beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                                    bias_correction1=1 - beta1 ** step, bias_correction2=1 - beta2 ** step)
         return loss

@@ -132,14 +132,7 @@ at::Tensor dan_layer(const at::Tensor& x, const at::Tensor& g1, const at::Tensor
 
 void update_one(at::Tensor& running_mean, at::Tensor& running_var, at::Tensor& num_batches, const at::Tensor& mean,
                 const at::Tensor& var, double momentum, int64_t batch, const char* which) {
-  TORCH_CHECK(running_mean.dim() == 2 && running_var.sizes() == running_mean.sizes() &&
-                  num_batches.dim() == 1 && num_batches.size(0) == running_mean.size(0),
-              "clfast.dan_bn_update_: ", which, " running statistics must be [N, C] with counters [N], got ",
-              running_mean.sizes(), ", ", running_var.sizes(), ", ", num_batches.sizes());
-  const int64_t C = running_mean.size(1);
-  TORCH_CHECK(mean.numel() == var.numel() && C > 0 && mean.numel() % C == 0 &&
-                  (mean.numel() == C || mean.numel() == running_mean.numel()),
-              "clfast.dan_bn_update_: ", which, " batch statistics must hold C or N * C values, got ", mean.numel());
+  const int64_t C = dan_detail::check_bn_update(running_mean, running_var, num_batches, mean, var, which);
   const double unbias = static_cast<double>(batch) / static_cast<double>(batch - 1);
   running_mean.mul_(1.0 - momentum).add_(mean.view({-1, C}), momentum);
   running_var.mul_(1.0 - momentum).add_(var.view({-1, C}), momentum * unbias);
@@ -147,12 +140,13 @@ void update_one(at::Tensor& running_mean, at::Tensor& running_var, at::Tensor& n
 }
 
 // nn.BatchNorm1d's update: running = (1 - momentum) * running + momentum * batch (unbiased variance),
-// num_batches_tracked += 1; a few element-wise ATen ops on tiny tensors, so one implementation for all devices.
+// num_batches_tracked += 1, as a few element-wise ATen ops: the CUDA path (the CPU has a one-loop kernel).
 void dan_bn_update_(at::Tensor& running_mean1, at::Tensor& running_var1, at::Tensor& num_batches1,
                     at::Tensor& running_mean2, at::Tensor& running_var2, at::Tensor& num_batches2,
                     const at::Tensor& mean1, const at::Tensor& var1, const at::Tensor& mean2, const at::Tensor& var2,
                     double momentum, int64_t batch) {
-  TORCH_CHECK(batch > 1, "clfast.dan_bn_update_: expected a batch of more than 1, got ", batch);
+  dan_detail::check_bn_batch(batch);
+  dan_detail::check_bn_update(running_mean2, running_var2, num_batches2, mean2, var2, "second");  // before any write
   update_one(running_mean1, running_var1, num_batches1, mean1, var1, momentum, batch, "first");
   update_one(running_mean2, running_var2, num_batches2, mean2, var2, momentum, batch, "second");
 }

@@ -85,6 +85,26 @@ inline Dims check_layer(const at::Tensor& x, const at::Tensor& g1, const at::Ten
   return d;
 }
 
+// dan_bn_update_'s arguments for one BatchNorm; returns its channel count C. The batch statistics hold C values
+// (the first BN of a layer with a shared input) or N * C.
+inline int64_t check_bn_update(const at::Tensor& running_mean, const at::Tensor& running_var,
+                               const at::Tensor& num_batches, const at::Tensor& mean, const at::Tensor& var,
+                               const char* which) {
+  TORCH_CHECK(running_mean.dim() == 2 && running_var.sizes() == running_mean.sizes() && num_batches.dim() == 1 &&
+                  num_batches.size(0) == running_mean.size(0),
+              "clfast.dan_bn_update_: ", which, " running statistics must be [N, C] with counters [N], got ",
+              running_mean.sizes(), ", ", running_var.sizes(), ", ", num_batches.sizes());
+  const int64_t C = running_mean.size(1);
+  TORCH_CHECK(mean.numel() == var.numel() && C > 0 && mean.numel() % C == 0 &&
+                  (mean.numel() == C || mean.numel() == running_mean.numel()),
+              "clfast.dan_bn_update_: ", which, " batch statistics must hold C or N * C values, got ", mean.numel());
+  return C;
+}
+
+inline void check_bn_batch(int64_t batch) {
+  TORCH_CHECK(batch > 1, "clfast.dan_bn_update_: expected a batch of more than 1, got ", batch);
+}
+
 inline at::Tensor contig(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
 
 // act(z) by ATen's vectorised kernels: in place, except for GELU, whose backward needs z.

@@ -282,6 +282,60 @@ def test_native_op_refuses_bad_shapes_and_dtypes():
 
 
 @needs_native
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_stats", "per_neuron_stats"])
+def test_bn_update_matches_batchnorm(device, shared):
+    """dan_bn_update_ moves running statistics as nn.BatchNorm1d does, from C (shared input) or N * C batch
+    statistics, and counts the batch."""
+    n, c1, c2, batch = 3, 37, 21, 9  # 37 and 21: not multiples of any SIMD width
+    g = torch.Generator().manual_seed(3)
+    stats = [torch.randn(n, c1, generator=g), torch.rand(n, c1, generator=g) + 0.5, torch.full((n,), 4),
+             torch.randn(n, c2, generator=g), torch.rand(n, c2, generator=g) + 0.5, torch.full((n,), 4)]
+    stats = [s.to(device) for s in stats]
+    h1 = torch.randn(1 if shared else n, batch, c1, generator=g).to(device)
+    h2 = torch.randn(n, batch, c2, generator=g).to(device)
+    expected = []
+    for h, rm, rv in ((h1, stats[0], stats[1]), (h2, stats[3], stats[4])):
+        bn = nn.BatchNorm1d(rm.shape[1], momentum=0.3).to(device)
+        means, variances = [], []
+        for i in range(n):
+            bn.running_mean.copy_(rm[i])
+            bn.running_var.copy_(rv[i])
+            bn(h[i if h.shape[0] > 1 else 0])
+            means.append(bn.running_mean.clone())
+            variances.append(bn.running_var.clone())
+        expected += [torch.stack(means), torch.stack(variances)]
+    batch_stats = []
+    for h in (h1, h2):
+        batch_stats += [h.mean(1).reshape(-1), h.var(1, unbiased=False).reshape(-1)]
+    torch.ops.clfast.dan_bn_update_(*stats, *batch_stats, 0.3, batch)
+    for got, want in zip([stats[0], stats[1], stats[3], stats[4]], expected):
+        torch.testing.assert_close(got, want)
+    assert stats[2].tolist() == [5] * n and stats[5].tolist() == [5] * n
+
+
+@needs_native
+def test_bn_update_refuses_bad_input_before_writing():
+    n, c = 2, 5
+    stats = [torch.randn(n, c), torch.rand(n, c) + 0.5, torch.zeros(n, dtype=torch.long)] * 2
+    stats = [s.clone() for s in stats]
+    before = [s.clone() for s in stats]
+    good = [torch.randn(n * c), torch.rand(n * c)]
+    with pytest.raises(RuntimeError, match="second running statistics must be"):
+        torch.ops.clfast.dan_bn_update_(*stats[:3], stats[3], stats[4][:, :2], stats[5], *good, *good, 0.1, 8)
+    with pytest.raises(RuntimeError, match="batch statistics must hold C or N \\* C"):
+        torch.ops.clfast.dan_bn_update_(*stats, *good, good[0][:3], good[1][:3], 0.1, 8)
+    with pytest.raises(RuntimeError, match="batch of more than 1"):
+        torch.ops.clfast.dan_bn_update_(*stats, *good, *good, 0.1, 1)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.clfast.dan_bn_update_(*stats[:3], stats[3].t().contiguous().t(), *stats[4:], *good, *good, 0.1, 8)
+    with pytest.raises(RuntimeError, match="one floating dtype"):
+        torch.ops.clfast.dan_bn_update_(*stats, *good, good[0].double(), good[1], 0.1, 8)
+    for s, b in zip(stats, before):
+        assert torch.equal(s, b)
+
+
+@needs_native
 def test_double_backward_is_refused():
     params, stats = _layer_tensors(2, 3, 4, 2, torch.float64, "cpu", 3)
     x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)

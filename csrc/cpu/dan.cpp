@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../dan.h"
+#include "vectorize.h"
 
 namespace clfast::cpu {
 namespace {
@@ -42,7 +43,7 @@ void with_flag(bool flag, F&& f) {
 // out[j] += sum over rows b of add(b, acc) for j < W, where add(b, acc) adds row b's terms into acc[j]
 // (scalar_t lanes); K independent sums share the pass.
 template <typename T, int K, typename Wd, typename F>
-void column_sums(int64_t B, Wd W, double (&out)[K][kTile], F&& add) {
+inline void column_sums(int64_t B, Wd W, double (&out)[K][kTile], F&& add) {
   for (int64_t b0 = 0; b0 < B; b0 += kRowBlock) {
     T acc[K][kTile] = {};
     const int64_t b1 = std::min(B, b0 + kRowBlock);
@@ -73,9 +74,121 @@ void for_tiles(int64_t B, int64_t C, int64_t groups, F&& f) {
   });
 }
 
+// The loops of each pass, per tile (or per neuron for the folds), as CLFAST_VECTORIZE functions: the tile loops run
+// at the CPU's full SIMD width.
+
+// u = (h - mean) * rstd over one tile of W columns, with their mean and biased variance (two passes: the
+// centred sum of squares has no cancellation). m_out / v_out point at the tile's first column.
+template <typename T, typename Wd>
+CLFAST_VECTORIZE void col_norm_tile(const T* hp, View hv, T* up, View uv, int64_t g, int64_t j0, Wd W, int64_t B,
+                                    double eps, T* m_out, T* v_out) {
+  double sum[1][kTile] = {}, sq[1][kTile] = {};
+  column_sums<T>(B, W, sum, [&](int64_t b, T (&acc)[1][kTile]) {
+    const T* __restrict__ hr = hp + hv.at(g, b) + j0;
+    for (int64_t j = 0; j < W; ++j) acc[0][j] += hr[j];
+  });
+  T m[kTile], r[kTile];
+  for (int64_t j = 0; j < W; ++j) m[j] = static_cast<T>(sum[0][j] / B);
+  column_sums<T>(B, W, sq, [&](int64_t b, T (&acc)[1][kTile]) {
+    const T* __restrict__ hr = hp + hv.at(g, b) + j0;
+    for (int64_t j = 0; j < W; ++j) acc[0][j] += (hr[j] - m[j]) * (hr[j] - m[j]);
+  });
+  for (int64_t j = 0; j < W; ++j) {
+    const double v = sq[0][j] / B;  // NaN stays NaN
+    r[j] = static_cast<T>(1.0 / std::sqrt(v + eps));
+    m_out[j] = m[j];
+    v_out[j] = static_cast<T>(v);
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    const T* __restrict__ hr = hp + hv.at(g, b) + j0;
+    T* __restrict__ ur = up + uv.at(g, b) + j0;
+    for (int64_t j = 0; j < W; ++j) ur[j] = (hr[j] - m[j]) * r[j];
+  }
+}
+
+// dz = act'(s) * dh over one tile, with dh = du (kNorm false) or BatchNorm's input gradient
+// rstd * (du - mean(du) - u * mean(du * u)) (kNorm true); colsum_out = the tile's column sums of dz.
+template <typename T, int kAct, bool kNorm, typename Wd>
+CLFAST_VECTORIZE void norm_act_backward_tile(const T* dup, const T* upp, View duv, const T* zp, View zv, T* dzp,
+                                             View dzv, int64_t g, int64_t j0, Wd W, int64_t B, const T* var,
+                                             double eps, T* colsum_out) {
+  T r[kTile] = {}, mdu[kTile] = {}, mduu[kTile] = {};
+  if constexpr (kNorm) {
+    double sums[2][kTile] = {};
+    column_sums<T>(B, W, sums, [&](int64_t b, T (&acc)[2][kTile]) {
+      const T* __restrict__ dr = dup + duv.at(g, b) + j0;
+      const T* __restrict__ ur = upp + duv.at(g, b) + j0;
+      for (int64_t j = 0; j < W; ++j) {
+        acc[0][j] += dr[j];
+        acc[1][j] += dr[j] * ur[j];
+      }
+    });
+    for (int64_t j = 0; j < W; ++j) {
+      r[j] = bn_rstd(var[j], eps);
+      mdu[j] = static_cast<T>(sums[0][j] / B);
+      mduu[j] = static_cast<T>(sums[1][j] / B);
+    }
+  }
+  double cs[1][kTile] = {};
+  column_sums<T>(B, W, cs, [&](int64_t b, T (&acc)[1][kTile]) {
+    const T* __restrict__ dr = dup + duv.at(g, b) + j0;
+    T* __restrict__ out = dzp + dzv.at(g, b) + j0;
+    const T* __restrict__ ur = kNorm ? upp + duv.at(g, b) + j0 : nullptr;
+    const T* __restrict__ zr = kAct != kIdentity ? zp + zv.at(g, b) + j0 : nullptr;
+    for (int64_t j = 0; j < W; ++j) {
+      T dh = dr[j];
+      if constexpr (kNorm) dh = r[j] * (dr[j] - mdu[j] - ur[j] * mduu[j]);
+      const T v = kAct != kIdentity ? act_backward<T>(kAct, dh, zr[j]) : dh;
+      out[j] = v;
+      acc[0][j] += v;
+    }
+  });
+  for (int64_t j = 0; j < W; ++j) colsum_out[j] = static_cast<T>(cs[0][j]);
+}
+
+// One neuron's fold: we = W * s per column, be = c + W t, for R rows of Cc columns. The dot product W t runs
+// in kLanes fixed lanes added up in a fixed tree, so it vectorises at any SIMD width and rounds the same on
+// every CPU.
+template <typename T>
+CLFAST_VECTORIZE void fold_neuron(const T* __restrict__ wp, const T* c, const T* __restrict__ s,
+                                  const T* __restrict__ t, int64_t R, int64_t Cc, T* __restrict__ wep,
+                                  T* __restrict__ bep) {
+  constexpr int kLanes = 16;
+  const int64_t full = Cc / kLanes * kLanes;
+  for (int64_t r = 0; r < R; ++r) {
+    const T* wr = wp + r * Cc;
+    T* we = wep + r * Cc;
+    for (int64_t k = 0; k < Cc; ++k) we[k] = wr[k] * s[k];
+    T lanes[kLanes] = {};
+    for (int64_t k0 = 0; k0 < full; k0 += kLanes)
+      for (int k = 0; k < kLanes; ++k) lanes[k] += wr[k0 + k] * t[k0 + k];
+    for (int64_t k = full; k < Cc; ++k) lanes[k - full] += wr[k] * t[k];
+    for (int w = kLanes / 2; w > 0; w /= 2)
+      for (int k = 0; k < w; ++k) lanes[k] += lanes[k + w];
+    bep[r] = (c ? c[r] : T(0)) + lanes[0];
+  }
+}
+
+// One neuron's unfold backward: dW = dWeff * s + dbeff t^T, P = sum_r dWeff * W, Q = sum_r dbeff * W.
+template <typename T>
+CLFAST_VECTORIZE void unfold_backward_neuron(const T* __restrict__ dwe, const T* __restrict__ dbeff,
+                                             const T* __restrict__ w, const T* __restrict__ s,
+                                             const T* __restrict__ t, int64_t R, int64_t Cc, T* __restrict__ dw,
+                                             T* __restrict__ P, T* __restrict__ Q) {
+  for (int64_t c = 0; c < Cc; ++c) P[c] = Q[c] = T(0);
+  for (int64_t r = 0; r < R; ++r) {
+    const T dbr = dbeff[r];
+    const int64_t o = r * Cc;
+    for (int64_t c = 0; c < Cc; ++c) {
+      dw[o + c] = dwe[o + c] * s[c] + dbr * t[c];
+      P[c] += dwe[o + c] * w[o + c];
+      Q[c] += dbr * w[o + c];
+    }
+  }
+}
+
 struct CpuKernels {
-  // u = normalize ? (h - mean) * rstd : h per column of the [B, C] matrix h, with its mean and biased variance
-  // (two passes: the centred sum of squares has no cancellation).
+  // u = normalize ? (h - mean) * rstd : h per column of the [B, C] matrix h, with its mean and biased variance.
   static void col_norm(const at::Tensor& h, bool h_grouped, const at::Tensor& u, bool u_grouped, int64_t B, int64_t C,
                        int64_t groups, bool normalize, double eps, const at::Tensor& mean, const at::Tensor& var) {
     AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "dan_col_norm", [&] {
@@ -91,28 +204,7 @@ struct CpuKernels {
           return;
         }
         with_width(w, [&](auto W) {
-          double sum[1][kTile] = {}, sq[1][kTile] = {};
-          column_sums<scalar_t>(B, W, sum, [&](int64_t b, scalar_t (&acc)[1][kTile]) {
-            const scalar_t* __restrict__ hr = hp + hv.at(g, b) + j0;
-            for (int64_t j = 0; j < W; ++j) acc[0][j] += hr[j];
-          });
-          scalar_t m[kTile], r[kTile];
-          for (int64_t j = 0; j < W; ++j) m[j] = static_cast<scalar_t>(sum[0][j] / B);
-          column_sums<scalar_t>(B, W, sq, [&](int64_t b, scalar_t (&acc)[1][kTile]) {
-            const scalar_t* __restrict__ hr = hp + hv.at(g, b) + j0;
-            for (int64_t j = 0; j < W; ++j) acc[0][j] += (hr[j] - m[j]) * (hr[j] - m[j]);
-          });
-          for (int64_t j = 0; j < W; ++j) {
-            const double v = sq[0][j] / B;  // NaN stays NaN
-            r[j] = static_cast<scalar_t>(1.0 / std::sqrt(v + eps));
-            mp[g * Cg + j0 + j] = m[j];
-            vp[g * Cg + j0 + j] = static_cast<scalar_t>(v);
-          }
-          for (int64_t b = 0; b < B; ++b) {
-            const scalar_t* __restrict__ hr = hp + hv.at(g, b) + j0;
-            scalar_t* __restrict__ ur = up + uv.at(g, b) + j0;
-            for (int64_t j = 0; j < W; ++j) ur[j] = (hr[j] - m[j]) * r[j];
-          }
+          col_norm_tile<scalar_t>(hp, hv, up, uv, g, j0, W, B, eps, mp + g * Cg + j0, vp + g * Cg + j0);
         });
       });
     });
@@ -135,38 +227,9 @@ struct CpuKernels {
         with_flag(normalize, [&](auto Norm) {
           for_tiles(B, C, groups, [&](int64_t g, int64_t j0, int64_t w) {
             with_width(w, [&](auto W) {
-              scalar_t r[kTile] = {}, mdu[kTile] = {}, mduu[kTile] = {};
-              if constexpr (Norm.value) {
-                double sums[2][kTile] = {};
-                column_sums<scalar_t>(B, W, sums, [&](int64_t b, scalar_t (&acc)[2][kTile]) {
-                  const scalar_t* __restrict__ dr = dup + duv.at(g, b) + j0;
-                  const scalar_t* __restrict__ ur = upp + duv.at(g, b) + j0;
-                  for (int64_t j = 0; j < W; ++j) {
-                    acc[0][j] += dr[j];
-                    acc[1][j] += dr[j] * ur[j];
-                  }
-                });
-                for (int64_t j = 0; j < W; ++j) {
-                  r[j] = bn_rstd(vp[g * Cg + j0 + j], eps);
-                  mdu[j] = static_cast<scalar_t>(sums[0][j] / B);
-                  mduu[j] = static_cast<scalar_t>(sums[1][j] / B);
-                }
-              }
-              double cs[1][kTile] = {};
-              column_sums<scalar_t>(B, W, cs, [&](int64_t b, scalar_t (&acc)[1][kTile]) {
-                const scalar_t* __restrict__ dr = dup + duv.at(g, b) + j0;
-                scalar_t* __restrict__ out = dzp + dzv.at(g, b) + j0;
-                const scalar_t* __restrict__ ur = Norm.value ? upp + duv.at(g, b) + j0 : nullptr;
-                const scalar_t* __restrict__ zr = A.value != kIdentity ? zp + zv.at(g, b) + j0 : nullptr;
-                for (int64_t j = 0; j < W; ++j) {
-                  scalar_t dh = dr[j];
-                  if constexpr (Norm.value) dh = r[j] * (dr[j] - mdu[j] - ur[j] * mduu[j]);
-                  const scalar_t v = A.value != kIdentity ? act_backward<scalar_t>(A.value, dh, zr[j]) : dh;
-                  out[j] = v;
-                  acc[0][j] += v;
-                }
-              });
-              for (int64_t j = 0; j < W; ++j) cp[g * Cg + j0 + j] = static_cast<scalar_t>(cs[0][j]);
+              norm_act_backward_tile<scalar_t, A.value, Norm.value>(dup, upp, duv, zp, zv, dzp, dzv, g, j0, W, B,
+                                                                    vp ? vp + g * Cg + j0 : nullptr, eps,
+                                                                    cp + g * Cg + j0);
             });
           });
         });
@@ -195,24 +258,8 @@ struct CpuKernels {
         for (int64_t n = lo; n < hi; ++n) {
           scale_shift(g.data_ptr<scalar_t>() + n * Cc, b.data_ptr<scalar_t>() + n * Cc,
                       rmp ? rmp + n * Cc : nullptr, rvp ? rvp + n * Cc : nullptr, eps, Cc, s.data(), t.data());
-          for (int64_t r = 0; r < R; ++r) {
-            const scalar_t* __restrict__ wr = wp + (n * R + r) * Cc;
-            scalar_t* __restrict__ we = wep + (n * R + r) * Cc;
-            scalar_t lanes[8] = {};  // 8 partial sums: the dot product vectorises without reassociation flags
-            int64_t c = 0;
-            for (; c + 8 <= Cc; c += 8)
-              for (int k = 0; k < 8; ++k) {
-                we[c + k] = wr[c + k] * s[c + k];
-                lanes[k] += wr[c + k] * t[c + k];
-              }
-            scalar_t acc = cp ? cp[n * R + r] : scalar_t(0);
-            for (; c < Cc; ++c) {
-              we[c] = wr[c] * s[c];
-              acc += wr[c] * t[c];
-            }
-            for (int k = 0; k < 8; ++k) acc += lanes[k];
-            bep[n * R + r] = acc;
-          }
+          fold_neuron<scalar_t>(wp + n * R * Cc, cp ? cp + n * R : nullptr, s.data(), t.data(), R, Cc,
+                                wep + n * R * Cc, bep + n * R);
         }
       });
     });
@@ -232,43 +279,79 @@ struct CpuKernels {
       scalar_t* dgp = dg.data_ptr<scalar_t>();
       scalar_t* dbbp = db.data_ptr<scalar_t>();
       at::parallel_for(0, N, std::max<int64_t>(1, 32768 / (R * Cc)), [&](int64_t lo, int64_t hi) {
-        std::vector<scalar_t> s(Cc), t(Cc), P(Cc), Q(Cc);
+        std::vector<scalar_t> s(Cc), t(Cc), P(Cc);
         for (int64_t n = lo; n < hi; ++n) {
           scale_shift(g.data_ptr<scalar_t>() + n * Cc, b.data_ptr<scalar_t>() + n * Cc,
                       rmp ? rmp + n * Cc : nullptr, rvp ? rvp + n * Cc : nullptr, eps, Cc, s.data(), t.data());
-          std::fill(P.begin(), P.end(), scalar_t(0));
-          std::fill(Q.begin(), Q.end(), scalar_t(0));
-          scalar_t* __restrict__ Pp = P.data();
-          scalar_t* __restrict__ Qp = Q.data();
-          const scalar_t* __restrict__ sp = s.data();
-          const scalar_t* __restrict__ tp = t.data();
-          for (int64_t r = 0; r < R; ++r) {
-            const scalar_t* __restrict__ dwe = dwep + (n * R + r) * Cc;
-            const scalar_t* __restrict__ wr = wp + (n * R + r) * Cc;
-            scalar_t* __restrict__ out = dwp + (n * R + r) * Cc;
-            const scalar_t dbr = dbp[n * R + r];
-            for (int64_t c = 0; c < Cc; ++c) {
-              out[c] = dwe[c] * sp[c] + dbr * tp[c];
-              Pp[c] += dwe[c] * wr[c];
-              Qp[c] += dbr * wr[c];
-            }
-          }
-          for (int64_t c = 0; c < Cc; ++c) {
-            dgp[n * Cc + c] = bn_gamma_grad(Pp[c], Qp[c], rmp ? rmp + n * Cc : nullptr, rvp ? rvp + n * Cc : nullptr,
-                                            eps, c);
-            dbbp[n * Cc + c] = Qp[c];
-          }
+          // Q (beta's gradient) goes straight to db.
+          unfold_backward_neuron<scalar_t>(dwep + n * R * Cc, dbp + n * R, wp + n * R * Cc, s.data(), t.data(), R,
+                                           Cc, dwp + n * R * Cc, P.data(), dbbp + n * Cc);
+          for (int64_t c = 0; c < Cc; ++c)
+            dgp[n * Cc + c] = bn_gamma_grad(P[c], dbbp[n * Cc + c], rmp ? rmp + n * Cc : nullptr,
+                                            rvp ? rvp + n * Cc : nullptr, eps, c);
         }
       });
     });
   }
 };
 
+// One BatchNorm's running statistics: rm = rm * (1 - momentum) + momentum * mean, rv likewise with the unbiased
+// variance, in the composite's (csrc/dan.cpp) operation order. The S batch statistics (S = C when the layer's
+// input is shared, N * C otherwise) update every S-sized block of the n running values.
+template <typename T>
+CLFAST_VECTORIZE void bn_update_loop(T* __restrict__ rm, T* __restrict__ rv, const T* __restrict__ mean,
+                                     const T* __restrict__ var, int64_t n, int64_t S, T keep, T m, T mv) {
+  for (int64_t off = 0; off < n; off += S)
+    for (int64_t k = 0; k < S; ++k) {
+      rm[off + k] = rm[off + k] * keep + m * mean[k];
+      rv[off + k] = rv[off + k] * keep + mv * var[k];
+    }
+}
+
+void check_bn_update_cpu(const at::Tensor& rm, const at::Tensor& rv, const at::Tensor& nb, const at::Tensor& mean,
+                         const at::Tensor& var, const char* which) {
+  dan_detail::check_bn_update(rm, rv, nb, mean, var, which);
+  for (const at::Tensor* t : {&rm, &rv, &nb, &mean, &var})
+    TORCH_CHECK(t->is_contiguous(), "clfast.dan_bn_update_: expected contiguous tensors (", which, " BatchNorm)");
+  TORCH_CHECK(rv.scalar_type() == rm.scalar_type() && mean.scalar_type() == rm.scalar_type() &&
+                  var.scalar_type() == rm.scalar_type() && nb.scalar_type() == at::kLong,
+              "clfast.dan_bn_update_: expected running and batch statistics of one floating dtype and int64 "
+              "counters (", which, " BatchNorm), got ", rm.scalar_type(), ", ", rv.scalar_type(), ", ",
+              mean.scalar_type(), ", ", var.scalar_type(), ", ", nb.scalar_type());
+}
+
+void bn_update_one(at::Tensor& rm, at::Tensor& rv, at::Tensor& nb, const at::Tensor& mean, const at::Tensor& var,
+                   double momentum, int64_t batch) {
+  const double unbias = static_cast<double>(batch) / static_cast<double>(batch - 1);
+  AT_DISPATCH_FLOATING_TYPES(rm.scalar_type(), "dan_bn_update_", [&] {
+    bn_update_loop<scalar_t>(rm.data_ptr<scalar_t>(), rv.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
+                             var.data_ptr<scalar_t>(), rm.numel(), mean.numel(),
+                             static_cast<scalar_t>(1.0 - momentum), static_cast<scalar_t>(momentum),
+                             static_cast<scalar_t>(momentum * unbias));
+  });
+  int64_t* counters = nb.data_ptr<int64_t>();
+  for (int64_t i = 0; i < nb.numel(); ++i) counters[i] += 1;
+}
+
+// The CPU kernel of dan_bn_update_ (csrc/dan.cpp has the device-generic composite): one loop per BatchNorm
+// instead of five ATen calls. Both BatchNorms' arguments are checked before either is written.
+void dan_bn_update_(at::Tensor& running_mean1, at::Tensor& running_var1, at::Tensor& num_batches1,
+                    at::Tensor& running_mean2, at::Tensor& running_var2, at::Tensor& num_batches2,
+                    const at::Tensor& mean1, const at::Tensor& var1, const at::Tensor& mean2, const at::Tensor& var2,
+                    double momentum, int64_t batch) {
+  dan_detail::check_bn_batch(batch);
+  check_bn_update_cpu(running_mean1, running_var1, num_batches1, mean1, var1, "first");
+  check_bn_update_cpu(running_mean2, running_var2, num_batches2, mean2, var2, "second");
+  bn_update_one(running_mean1, running_var1, num_batches1, mean1, var1, momentum, batch);
+  bn_update_one(running_mean2, running_var2, num_batches2, mean2, var2, momentum, batch);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(clfast, CPU, m) {
   m.impl("dan_layer_forward", &dan_layer_forward_impl<CpuKernels>);
   m.impl("dan_layer_backward", &dan_layer_backward_impl<CpuKernels>);
+  m.impl("dan_bn_update_", &dan_bn_update_);
 }
 
 }  // namespace clfast::cpu

@@ -24,11 +24,22 @@ inline std::vector<Chunk> make_chunks(const std::vector<int64_t>& numels) {
   return chunks;
 }
 
+// Below this many elements in all, a call runs on the calling thread: a parallel region's fork and join cost
+// more than they save on small models, and much more when another process holds a core.
+constexpr int64_t kParallelMin = 1 << 17;
+
+// at::parallel_for's grain over `chunks`: all of them in one task when the lists are small.
+inline int64_t chunk_grain(const std::vector<Chunk>& chunks, const std::vector<int64_t>& numels) {
+  int64_t total = 0;
+  for (int64_t n : numels) total += n;
+  return total < kParallelMin ? std::max<int64_t>(1, static_cast<int64_t>(chunks.size())) : 1;
+}
+
 // f(tensor, begin, end) for every chunk, in parallel.
 template <typename F>
 void for_each_chunk(const std::vector<int64_t>& numels, const F& f) {
   const std::vector<Chunk> chunks = make_chunks(numels);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), chunk_grain(chunks, numels), [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) f(chunks[c].tensor, chunks[c].begin, chunks[c].end);
   });
 }
@@ -39,7 +50,7 @@ template <typename F>
 double sum_chunks(const std::vector<int64_t>& numels, const F& f) {
   const std::vector<Chunk> chunks = make_chunks(numels);
   std::vector<double> partial(chunks.size(), 0.0);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), chunk_grain(chunks, numels), [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) partial[c] = f(chunks[c].tensor, chunks[c].begin, chunks[c].end);
   });
   double total = 0.0;

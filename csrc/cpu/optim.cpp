@@ -7,6 +7,7 @@
 #include "../math/optim.h"
 #include "../math/si.h"
 #include "multi_tensor.h"
+#include "vectorize.h"
 
 #include <type_traits>
 
@@ -19,7 +20,7 @@ constexpr auto kCPU = c10::DeviceType::CPU;
 // (momentum; exp_avg and exp_avg_sq) and, with kOmega, omega += (new - old) * (-g). Every array is a restrict
 // parameter and every flag a template argument, so the loop has no branches or alias checks and vectorises.
 template <int kStates, bool kOmega, typename T, typename Update>
-inline void step_chunk(int64_t b, int64_t e, T* __restrict__ p, const T* __restrict__ g, T* __restrict__ s1,
+CLFAST_VECTORIZE void step_chunk(int64_t b, int64_t e, T* __restrict__ p, const T* __restrict__ g, T* __restrict__ s1,
                        T* __restrict__ s2, T* __restrict__ om, const Update& update) {
   for (int64_t i = b; i < e; ++i) {
     T a = T(0), c = T(0);

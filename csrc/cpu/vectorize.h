@@ -1,0 +1,12 @@
+// CLFAST_VECTORIZE marks a hot loop function for GCC function multi-versioning: it is compiled for
+// x86-64-v4 (AVX-512), x86-64-v3 (AVX2) and the x86-64 baseline, and the loader picks the widest the CPU
+// runs. One build runs on any x86-64 machine and uses full-width SIMD where there is one. setup.py passes
+// -ffp-contract=off, so no clone fuses a multiply and an add: every clone rounds exactly like the baseline,
+// and results do not depend on the CPU.
+#pragma once
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define CLFAST_VECTORIZE __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CLFAST_VECTORIZE
+#endif
