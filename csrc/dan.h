@@ -1,6 +1,8 @@
 // One DAN layer (N neurons, each BN -> Linear -> act -> BN -> Linear -> act -> Linear) as a few GEMMs over
-// all neurons plus fused element-wise passes. The GEMMs go through ATen (BLAS / cuBLAS); the element-wise
-// passes are the backend's kernels K (csrc/cpu/dan.cpp, csrc/cuda/dan.cu), so CPU and CUDA share this code.
+// all neurons plus fused element-wise passes. The GEMMs go through ATen (BLAS / cuBLAS): the layer-wide one
+// directly, the per-neuron ones through K::gemm (a loop of GEMMs on the CPU, one batched GEMM on CUDA); the
+// element-wise passes are the backend's kernels K (csrc/cpu/dan.cpp, csrc/cuda/dan.cu), so CPU and CUDA share
+// this code.
 //
 // Each BatchNorm's affine part is folded into the Linear that follows it: with u the normalised input
 // (train: batch statistics; eval: u = the raw input and the running statistics folded too),
@@ -151,8 +153,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dan_layer_forward_impl(
   }
   at::Tensor Weff1 = at::empty({N, nf, ni}, opts), beff1 = at::empty({N, nf}, opts);
   K::fold(W1, contig(c1_), contig(g1_), contig(b1_), rm1, rv1, eps, Weff1, beff1);
-  at::Tensor z1 = d.per_neuron ? at::baddbmm(beff1.unsqueeze(1), u1, Weff1.transpose(1, 2))
-                               : at::addmm(beff1.view({N * nf}), u1, Weff1.view({N * nf, ni}).t());
+  at::Tensor z1;
+  if (d.per_neuron) {
+    z1 = at::empty({N, B, nf}, opts);
+    K::gemm(z1, beff1, u1, Weff1.transpose(1, 2));
+  } else {
+    z1 = at::addmm(beff1.view({N * nf}), u1, Weff1.view({N * nf, ni}).t());
+  }
   const at::Tensor a1 = apply_act(z1, act);  // z1 holds a1 unless the activation is GELU
 
   at::Tensor u2 = at::empty({N, B, nf}, opts);
@@ -161,17 +168,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dan_layer_forward_impl(
   K::col_norm(a1, d.per_neuron, u2, true, B, N * nf, N, training, eps, mean2, var2);
   at::Tensor Weff2 = at::empty({N, nf, nf}, opts), beff2 = at::empty({N, nf}, opts);
   K::fold(W2, contig(c2_), contig(g2_), contig(b2_), rm2, rv2, eps, Weff2, beff2);
-  at::Tensor z2 = at::baddbmm(beff2.unsqueeze(1), u2, Weff2.transpose(1, 2));
+  at::Tensor z2 = at::empty({N, B, nf}, opts);
+  K::gemm(z2, beff2, u2, Weff2.transpose(1, 2));
   const at::Tensor a2 = apply_act(z2, act);
   // The third GEMM writes each neuron's block of the concatenated output [B, N * no] in place.
   at::Tensor out = at::empty({B, N * d.no}, opts);
-  at::Tensor out_blocks = out.view({B, N, d.no}).transpose(0, 1);
-  if (present(c3_)) {
-    out_blocks.copy_(c3_->unsqueeze(1).expand({N, B, d.no}));
-    out_blocks.baddbmm_(a2, W3.transpose(1, 2));
-  } else {
-    at::bmm_out(out_blocks, a2, W3.transpose(1, 2));
-  }
+  K::gemm(out.view({B, N, d.no}).transpose(0, 1), contig(c3_), a2, W3.transpose(1, 2));
   const bool gelu = needs_input(act);
   return {out, {training ? u1 : none(), z1, u2, gelu ? z2 : none(), a2, Weff1, Weff2, mean1, var1, mean2, var2}};
 }
@@ -217,17 +219,19 @@ std::vector<at::Tensor> dan_layer_backward_impl(
                    &var1 = saved[8], &var2 = saved[10];
   const at::Tensor& s2 = needs_input(act) ? saved[3] : a2;
   const auto opts = u1.options();
-  const at::Tensor none = at::empty({0}, opts);
+  const at::Tensor none = at::empty({0}, opts), undefined;
 
-  const at::Tensor dy = grad_out.reshape({B, N, no}).permute({1, 0, 2}).contiguous();  // [N, B, no]
+  const at::Tensor dy = grad_out.reshape({B, N, no}).transpose(0, 1);  // [N, B, no], each neuron's block in place
   const at::Tensor dc3 = dy.sum(1);
-  const at::Tensor dW3 = at::bmm(dy.transpose(1, 2), a2);
-  const at::Tensor da2 = at::bmm(dy, W3);
+  at::Tensor dW3 = at::empty({N, no, nf}, opts), da2 = at::empty({N, B, nf}, opts);
+  K::gemm(dW3, undefined, dy.transpose(1, 2), a2);
+  K::gemm(da2, undefined, dy, W3);
 
   at::Tensor dz2 = at::empty({N, B, nf}, opts), dbeff2 = at::empty({N, nf}, opts);
   K::norm_act_backward(da2, none, true, none, eps, false, s2, true, act, dz2, true, B, N * nf, N, dbeff2);
-  const at::Tensor dWeff2 = at::bmm(dz2.transpose(1, 2), u2);
-  const at::Tensor du2 = at::bmm(dz2, Weff2);
+  at::Tensor dWeff2 = at::empty({N, nf, nf}, opts), du2 = at::empty({N, B, nf}, opts);
+  K::gemm(dWeff2, undefined, dz2.transpose(1, 2), u2);
+  K::gemm(du2, undefined, dz2, Weff2);
   at::Tensor dW2 = at::empty_like(W2), dg2 = at::empty({N, nf}, opts), db2 = at::empty({N, nf}, opts);
   K::unfold_backward(dWeff2, dbeff2, W2, contig(g2_), contig(b2_), rm2, rv2, eps, dW2, dg2, db2);
 
@@ -236,8 +240,12 @@ std::vector<at::Tensor> dan_layer_backward_impl(
                        dbeff1);
   at::Tensor dWeff1, du1;
   if (d.per_neuron) {
-    dWeff1 = at::bmm(dz1.transpose(1, 2), u1);
-    if (input_grad) du1 = at::bmm(dz1, Weff1);
+    dWeff1 = at::empty({N, nf, ni}, opts);
+    K::gemm(dWeff1, undefined, dz1.transpose(1, 2), u1);
+    if (input_grad) {
+      du1 = at::empty({N, B, ni}, opts);
+      K::gemm(du1, undefined, dz1, Weff1);
+    }
   } else {
     dWeff1 = at::mm(dz1.t(), u1).view({N, nf, ni});
     if (input_grad) du1 = at::mm(dz1, Weff1.view({N * nf, ni}));

@@ -188,6 +188,20 @@ CLFAST_VECTORIZE void unfold_backward_neuron(const T* __restrict__ dwe, const T*
 }
 
 struct CpuKernels {
+  // out[g] = bias[g] (broadcast over rows, if defined) + a[g] b[g] for every neuron g; views allowed (out may be
+  // a column block of a wider matrix: BLAS writes it in place). One GEMM per neuron: at these sizes ATen's
+  // batched GEMM costs more per call than the loop.
+  static void gemm(const at::Tensor& out, const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) {
+    for (int64_t g = 0; g < out.size(0); ++g) {
+      at::Tensor o = out.select(0, g);
+      if (bias.defined()) {
+        at::addmm_out(o, bias.select(0, g), a.select(0, g), b.select(0, g));
+      } else {
+        at::mm_out(o, a.select(0, g), b.select(0, g));
+      }
+    }
+  }
+
   // u = normalize ? (h - mean) * rstd : h per column of the [B, C] matrix h, with its mean and biased variance.
   static void col_norm(const at::Tensor& h, bool h_grouped, const at::Tensor& u, bool u_grouped, int64_t B, int64_t C,
                        int64_t groups, bool normalize, double eps, const at::Tensor& mean, const at::Tensor& var) {

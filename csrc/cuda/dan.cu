@@ -195,6 +195,15 @@ const T* ptr_or_null(const at::Tensor& t) {
 }
 
 struct CudaKernels {
+  // out[g] = bias[g] (broadcast over rows, if defined) + a[g] b[g] for every neuron g, as one batched GEMM.
+  static void gemm(const at::Tensor& out, const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) {
+    if (bias.defined()) {
+      at::baddbmm_out(const_cast<at::Tensor&>(out), bias.unsqueeze(1), a, b);
+    } else {
+      at::bmm_out(const_cast<at::Tensor&>(out), a, b);
+    }
+  }
+
   static void col_norm(const at::Tensor& h, bool h_grouped, const at::Tensor& u, bool u_grouped, int64_t B, int64_t C,
                        int64_t groups, bool normalize, double eps, const at::Tensor& mean, const at::Tensor& var) {
     const c10::cuda::CUDAGuard guard(h.device());
