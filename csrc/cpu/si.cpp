@@ -5,11 +5,13 @@
 #include "../checks.h"
 #include "../math/si.h"
 #include "multi_tensor.h"
-#include "vectorize.h"
 
 #include <algorithm>
 #include <type_traits>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 namespace clfast::cpu {
 namespace {
@@ -60,28 +62,28 @@ void si_consolidate_(at::TensorList importance, at::TensorList prev, at::TensorL
   o.finish();
 }
 
-// sum of importance * (param - prev)^2 over [b, e): blocks of 256 terms summed in scalar_t (short enough to stay
-// exact to float rounding), each block added to a double. Within a block, kLanes independent sums: one chain of
-// dependent adds would bound the loop by the add latency instead of by memory bandwidth. The lanes are fixed and
-// added in a fixed tree, so every SIMD width rounds the same.
+// sum of importance * (param - prev)^2 over [0, n) for one block short enough (<= 256 terms) to be summed in
+// scalar_t. For float on x86-64, four independent SSE accumulators: one accumulator's chain of dependent adds
+// would bound the loop by the add latency instead of by memory bandwidth.
 template <typename T>
-CLFAST_VECTORIZE double penalty_chunk(const T* __restrict__ im, const T* __restrict__ pp, const T* __restrict__ pv,
-                                      int64_t b, int64_t e) {
-  constexpr int kLanes = 16;
-  double acc = 0.0;
-  for (int64_t blk = b; blk < e; blk += 256) {
-    const int64_t end = std::min(e, blk + 256);
-    T lanes[kLanes] = {};
-    int64_t i = blk;
-    for (; i + kLanes <= end; i += kLanes)
-      for (int k = 0; k < kLanes; ++k) lanes[k] += si_penalty_term(im[i + k], pp[i + k], pv[i + k]);
-    for (int w = kLanes / 2; w > 0; w /= 2)
-      for (int k = 0; k < w; ++k) lanes[k] += lanes[k + w];
-    T s = lanes[0];
-    for (; i < end; ++i) s += si_penalty_term(im[i], pp[i], pv[i]);
-    acc += static_cast<double>(s);
+T penalty_block(const T* __restrict__ im, const T* __restrict__ pp, const T* __restrict__ pv, int64_t n) {
+  int64_t i = 0;
+  T s = 0;
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float>) {
+    __m128 acc[4] = {_mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps()};
+    for (; i + 16 <= n; i += 16)
+      for (int k = 0; k < 4; ++k) {
+        const __m128 d = _mm_sub_ps(_mm_loadu_ps(pp + i + 4 * k), _mm_loadu_ps(pv + i + 4 * k));
+        acc[k] = _mm_add_ps(acc[k], _mm_mul_ps(_mm_loadu_ps(im + i + 4 * k), _mm_mul_ps(d, d)));
+      }
+    alignas(16) float lanes[4];
+    _mm_store_ps(lanes, _mm_add_ps(_mm_add_ps(acc[0], acc[1]), _mm_add_ps(acc[2], acc[3])));
+    s = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
   }
-  return acc;
+#endif
+  for (; i < n; ++i) s += si_penalty_term(im[i], pp[i], pv[i]);
+  return s;
 }
 
 at::Tensor si_penalty(at::TensorList importance, at::TensorList prev, at::TensorList params) {
@@ -91,7 +93,13 @@ at::Tensor si_penalty(at::TensorList importance, at::TensorList prev, at::Tensor
   AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "si_penalty", [&] {
     auto I = data_ptrs<scalar_t>(imp.work), V = data_ptrs<scalar_t>(pr.work), P = data_ptrs<scalar_t>(p.work);
     const double total = sum_chunks(numels(p.work), [&](int64_t t, int64_t b, int64_t e) {
-      return penalty_chunk<scalar_t>(I[t], P[t], V[t], b, e);
+      const scalar_t *__restrict__ im = I[t], *__restrict__ pv = V[t], *__restrict__ pp = P[t];
+      // Blocks of 256 terms summed in scalar_t (short enough to stay exact to float rounding), each block
+      // added to a double.
+      double acc = 0.0;
+      for (int64_t blk = b; blk < e; blk += 256)
+        acc += static_cast<double>(penalty_block(im + blk, pp + blk, pv + blk, std::min(e, blk + 256) - blk));
+      return acc;
     });
     *out.data_ptr<scalar_t>() = static_cast<scalar_t>(total);
   });
