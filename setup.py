@@ -55,7 +55,7 @@ def _extension():
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     # -O3 for auto-vectorised loops; no -march=native so a wheel runs on any x86-64: the hot loops are compiled
     # for AVX-512, AVX2 and baseline x86-64 and picked at load time (csrc/cpu/vectorize.h). -ffp-contract=off:
-    # no clone fuses a multiply and an add, so results round the same on every CPU.
+    # no clone fuses a multiply and an add, so every clone rounds like the baseline.
     # -fno-math-errno and -fno-trapping-math let sqrt and branchy element-wise code vectorise; the values are
     # unchanged (errno is never set, FP exceptions are never observed).
     cxx = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]

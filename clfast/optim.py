@@ -10,7 +10,6 @@ between these and ``torch.optim`` either way.
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch

@@ -146,7 +146,8 @@ void dan_bn_update_(at::Tensor& running_mean1, at::Tensor& running_var1, at::Ten
                     const at::Tensor& mean1, const at::Tensor& var1, const at::Tensor& mean2, const at::Tensor& var2,
                     double momentum, int64_t batch) {
   dan_detail::check_bn_batch(batch);
-  dan_detail::check_bn_update(running_mean2, running_var2, num_batches2, mean2, var2, "second");  // before any write
+  // the second BatchNorm's shapes too, before the first is written
+  dan_detail::check_bn_update(running_mean2, running_var2, num_batches2, mean2, var2, "second");
   update_one(running_mean1, running_var1, num_batches1, mean1, var1, momentum, batch, "first");
   update_one(running_mean2, running_var2, num_batches2, mean2, var2, momentum, batch, "second");
 }

@@ -9,7 +9,7 @@
 //   BN(h) W^T + c = u Weff^T + beff,  Weff = W * s (per input column),  beff = c + W t,
 // where (s, t) = (gamma, beta) in train mode and (gamma * rstd_run, beta - mean_run * gamma * rstd_run) in
 // eval mode. The first BN sees the same input for every neuron, so its statistics are computed once and the
-// first Linear of all N neurons is one [B, ni] x [ni, N * nf] GEMM; the second and third are batched GEMMs.
+// first Linear of all N neurons is one [B, ni] x [ni, N * nf] GEMM; the second and third go through K::gemm.
 //
 // Layouts: a logical [B, C] activation matrix with C = groups * Cg is stored either flat ([B, C], row-major)
 // or grouped ([groups, B, Cg], one slab per neuron, as batched GEMMs want it).

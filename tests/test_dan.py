@@ -329,10 +329,46 @@ def test_bn_update_refuses_bad_input_before_writing():
         torch.ops.clfast.dan_bn_update_(*stats, *good, *good, 0.1, 1)
     with pytest.raises(RuntimeError, match="contiguous"):
         torch.ops.clfast.dan_bn_update_(*stats[:3], stats[3].t().contiguous().t(), *stats[4:], *good, *good, 0.1, 8)
-    with pytest.raises(RuntimeError, match="one floating dtype"):
+    with pytest.raises(RuntimeError, match="one dtype, float32 or float64"):
         torch.ops.clfast.dan_bn_update_(*stats, *good, good[0].double(), good[1], 0.1, 8)
+    half = [s.half() if s.is_floating_point() else s.clone() for s in stats[3:]]
+    with pytest.raises(RuntimeError, match="one dtype, float32 or float64"):  # the second BN: nothing written
+        torch.ops.clfast.dan_bn_update_(*stats[:3], *half, *good, *[g.half() for g in good], 0.1, 8)
     for s, b in zip(stats, before):
         assert torch.equal(s, b)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_non_contiguous_output_gradient(backend):
+    """The backward reads each neuron's block of the output gradient in place: a transposed or strided gradient
+    gives the same gradients as a contiguous one."""
+    if backend == "native" and not clfast.native_available():
+        pytest.skip("native extension not built")
+    params, stats = _layer_tensors(3, 7, 5, 4, torch.float64, "cpu", 11)
+    x = torch.randn(9, 7, dtype=torch.float64, requires_grad=True)
+    out = _ops.dan_layer(x, params, [s.clone() for s in stats], True, 0.1, 1e-5, 1)
+    leaves = [x] + params
+    g = torch.randn(2 * out.shape[1], out.shape[0], dtype=torch.float64)[::2].t()  # [B, N * no], strided
+    assert not g.is_contiguous()
+    got = torch.autograd.grad(out, leaves, g, retain_graph=True)
+    want = torch.autograd.grad(out, leaves, g.contiguous())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_parametrized_weights():
+    """Parametrizations (here weight normalisation of weight2) replace a parameter by a computed attribute; the
+    layer still reads it and the result equals the layer holding the computed weight as a plain parameter."""
+    torch.manual_seed(0)
+    layer = clfast.nn.DANLayer(2, 6, 5, 3, act_fn=nn.ReLU())
+    plain = copy.deepcopy(layer)
+    nn.utils.parametrizations.weight_norm(layer, "weight2")
+    with torch.no_grad():
+        plain.weight2.copy_(layer.weight2)
+    x = torch.randn(8, 6)
+    torch.testing.assert_close(layer(x), plain(x))
+    layer(x).sum().backward()
+    assert layer.parametrizations.weight2.original0.grad is not None
 
 
 @needs_native

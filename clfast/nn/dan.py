@@ -126,14 +126,20 @@ def _check_input(x: Tensor, n: int, ni: int, like: Tensor, training: bool, where
 
 
 def _params(module: nn.Module) -> List[Optional[Tensor]]:
-    # Straight from the module's dicts: nn.Module.__getattr__ costs ~0.5 us per name, 10 us per layer call.
+    # Straight from the module's dict: nn.Module.__getattr__ costs ~0.5 us per name, 10 us per layer call.
     table = module._parameters
-    return [table[k] for k in PARAMS]
+    try:
+        return [table[k] for k in PARAMS]
+    except KeyError:  # parametrized (torch.nn.utils.parametrize, weight_norm): attributes computed on access
+        return [getattr(module, k) for k in PARAMS]
 
 
 def _stats(module: nn.Module) -> List[Tensor]:
     table = module._buffers
-    return [table[k] for k in STATS]
+    try:
+        return [table[k] for k in STATS]
+    except KeyError:
+        return [getattr(module, k) for k in STATS]
 
 
 class _Stacked(nn.Module):

@@ -310,7 +310,8 @@ struct CpuKernels {
 };
 
 // One BatchNorm's running statistics: rm = rm * (1 - momentum) + momentum * mean, rv likewise with the unbiased
-// variance, in the composite's (csrc/dan.cpp) operation order. The S batch statistics (S = C when the layer's
+// variance, in the composite's (csrc/dan.cpp) operation order (ATen's add may fuse the last multiply-add, so
+// the two can differ in the last bit). The S batch statistics (S = C when the layer's
 // input is shared, N * C otherwise) update every S-sized block of the n running values.
 template <typename T>
 CLFAST_VECTORIZE void bn_update_loop(T* __restrict__ rm, T* __restrict__ rv, const T* __restrict__ mean,
@@ -327,9 +328,10 @@ void check_bn_update_cpu(const at::Tensor& rm, const at::Tensor& rv, const at::T
   dan_detail::check_bn_update(rm, rv, nb, mean, var, which);
   for (const at::Tensor* t : {&rm, &rv, &nb, &mean, &var})
     TORCH_CHECK(t->is_contiguous(), "clfast.dan_bn_update_: expected contiguous tensors (", which, " BatchNorm)");
-  TORCH_CHECK(rv.scalar_type() == rm.scalar_type() && mean.scalar_type() == rm.scalar_type() &&
+  TORCH_CHECK((rm.scalar_type() == at::kFloat || rm.scalar_type() == at::kDouble) &&
+                  rv.scalar_type() == rm.scalar_type() && mean.scalar_type() == rm.scalar_type() &&
                   var.scalar_type() == rm.scalar_type() && nb.scalar_type() == at::kLong,
-              "clfast.dan_bn_update_: expected running and batch statistics of one floating dtype and int64 "
+              "clfast.dan_bn_update_: expected running and batch statistics of one dtype, float32 or float64, and int64 "
               "counters (", which, " BatchNorm), got ", rm.scalar_type(), ", ", rv.scalar_type(), ", ",
               mean.scalar_type(), ", ", var.scalar_type(), ", ", nb.scalar_type());
 }
