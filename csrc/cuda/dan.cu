@@ -33,32 +33,41 @@ dim3 column_grid(int64_t C, int64_t groups) {
               static_cast<unsigned>(std::min<int64_t>(groups, 65535)));
 }
 
+// Column totals over the block's kRows thread rows: each thread passes its K partial sums in v; afterwards
+// thread row 0 holds its column's totals (row 0's own part first, then rows 1.. in order). Every thread of the
+// block calls it (it synchronises). scratch: K * kRows * kCols doubles of shared memory, free again once the
+// caller has synchronised after reading the totals.
+template <int K>
+__device__ void block_column_sums(double* scratch, double (&v)[K]) {
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  for (int k = 0; k < K; ++k) scratch[(k * kRows + ty) * kCols + tx] = v[k];
+  __syncthreads();
+  if (ty == 0)
+    for (int r = 1; r < kRows; ++r)
+      for (int k = 0; k < K; ++k) v[k] += scratch[(k * kRows + r) * kCols + tx];
+}
+
 // u = normalize ? (h - mean) * rstd : h, per column of group g of h, with the column's mean and biased variance.
 template <typename T>
 __device__ void col_norm_group(int64_t g, const T* __restrict__ h, View hv, T* __restrict__ u, View uv, int64_t B,
                                int64_t Cg, bool normalize, double eps, T* __restrict__ mean, T* __restrict__ var) {
-  __shared__ double s_sum[kRows][kCols], s_sq[kRows][kCols];
+  __shared__ double s_part[2 * kRows * kCols];
   __shared__ T s_mean[kCols], s_rstd[kCols];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kCols + tx;
   const bool active = j < Cg;
-  double s = 0.0, q = 0.0;
+  double sq[2] = {0.0, 0.0};  // sum, sum of squares
   if (active)
     for (int64_t b = ty; b < B; b += kRows) {
       const T a = h[hv.at(g, b) + j];
       u[uv.at(g, b) + j] = a;
-      s += a;
-      q += static_cast<double>(a) * a;
+      sq[0] += a;
+      sq[1] += static_cast<double>(a) * a;
     }
   if (!normalize) return;  // uniform over the block
-  s_sum[ty][tx] = s;
-  s_sq[ty][tx] = q;
-  __syncthreads();
+  block_column_sums(s_part, sq);
   if (ty == 0 && active) {
-    for (int r = 1; r < kRows; ++r) {
-      s += s_sum[r][tx];
-      q += s_sq[r][tx];
-    }
+    const double s = sq[0], q = sq[1];
     const double mu = s / B, d = q / B - mu * mu, v = d < 0.0 ? 0.0 : d;  // NaN stays NaN, as on the CPU
     mean[g * Cg + j] = static_cast<T>(mu);
     var[g * Cg + j] = static_cast<T>(v);
@@ -80,34 +89,28 @@ __device__ void norm_act_backward_group(int64_t g, const T* __restrict__ du, con
                                         const T* __restrict__ var, double eps, bool normalize,
                                         const T* __restrict__ s_act, View zv, T* __restrict__ dz, View dzv, int64_t B,
                                         int64_t Cg, T* __restrict__ colsum) {
-  __shared__ double s_a[kRows][kCols], s_b[kRows][kCols];
+  __shared__ double s_part[2 * kRows * kCols];
   __shared__ T s_r[kCols], s_mdu[kCols], s_mduu[kCols];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kCols + tx;
   const bool active = j < Cg;
   if (normalize) {
-    double s = 0.0, su = 0.0;
+    double sums[2] = {0.0, 0.0};  // sum of du, sum of du * u
     if (active)
       for (int64_t b = ty; b < B; b += kRows) {
         const int64_t o = duv.at(g, b) + j;
-        s += du[o];
-        su += static_cast<double>(du[o]) * u[o];
+        sums[0] += du[o];
+        sums[1] += static_cast<double>(du[o]) * u[o];
       }
-    s_a[ty][tx] = s;
-    s_b[ty][tx] = su;
-    __syncthreads();
+    block_column_sums(s_part, sums);
     if (ty == 0 && active) {
-      for (int r = 1; r < kRows; ++r) {
-        s += s_a[r][tx];
-        su += s_b[r][tx];
-      }
       s_r[tx] = bn_rstd(var[g * Cg + j], eps);
-      s_mdu[tx] = static_cast<T>(s / B);
-      s_mduu[tx] = static_cast<T>(su / B);
+      s_mdu[tx] = static_cast<T>(sums[0] / B);
+      s_mduu[tx] = static_cast<T>(sums[1] / B);
     }
     __syncthreads();
   }
-  double cs = 0.0;
+  double cs[1] = {0.0};
   if (active) {
     const T r = normalize ? s_r[tx] : T(1), mdu = normalize ? s_mdu[tx] : T(0), mduu = normalize ? s_mduu[tx] : T(0);
     for (int64_t b = ty; b < B; b += kRows) {
@@ -115,16 +118,12 @@ __device__ void norm_act_backward_group(int64_t g, const T* __restrict__ du, con
       const T dh = normalize ? r * (du[o] - mdu - u[o] * mduu) : du[o];
       const T v = A != kIdentity ? act_backward<T>(A, dh, s_act[zv.at(g, b) + j]) : dh;
       dz[dzv.at(g, b) + j] = v;
-      cs += v;
+      cs[0] += v;
     }
   }
-  __syncthreads();  // the statistics' shared arrays are reused below
-  s_a[ty][tx] = cs;
-  __syncthreads();
-  if (ty == 0 && active) {
-    for (int r = 1; r < kRows; ++r) cs += s_a[r][tx];
-    colsum[g * Cg + j] = static_cast<T>(cs);
-  }
+  __syncthreads();  // s_part is reused below
+  block_column_sums(s_part, cs);
+  if (ty == 0 && active) colsum[g * Cg + j] = static_cast<T>(cs[0]);
 }
 
 // One block per (tile of kCols columns, group); groups beyond gridDim.y are strided over.
