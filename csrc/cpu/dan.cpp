@@ -30,16 +30,6 @@ void with_width(int64_t w, F&& f) {
   }
 }
 
-// Calls f(std::bool_constant<flag>{}).
-template <typename F>
-void with_flag(bool flag, F&& f) {
-  if (flag) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
 // out[j] += sum over rows b of add(b, acc) for j < W, where add(b, acc) adds row b's terms into acc[j]
 // (scalar_t lanes); K independent sums share the pass.
 template <typename T, int K, typename Wd, typename F>

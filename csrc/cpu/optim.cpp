@@ -34,12 +34,6 @@ CLFAST_VECTORIZE void step_chunk(int64_t b, int64_t e, T* __restrict__ p, const 
   }
 }
 
-// Runs f(std::integral_constant<bool, b>) for a runtime flag.
-template <typename F>
-inline void with_flag(bool b, const F& f) {
-  b ? f(std::true_type{}) : f(std::false_type{});
-}
-
 template <typename T>
 std::vector<T*> optional_ptrs(const ContigList& l, size_t n) {
   return l.empty() ? std::vector<T*>(n, nullptr) : data_ptrs<T>(l.work);

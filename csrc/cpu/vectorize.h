@@ -12,3 +12,20 @@
 #else
 #define CLFAST_VECTORIZE
 #endif
+
+#include <type_traits>
+
+namespace clfast::cpu {
+
+// Calls f(std::bool_constant<flag>{}): a runtime flag as a compile-time constant, so the loop it selects has
+// no branch left and vectorises.
+template <typename F>
+inline void with_flag(bool flag, F&& f) {
+  if (flag) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+}  // namespace clfast::cpu
