@@ -1,6 +1,6 @@
 // One DAN layer (N neurons, each BN -> Linear -> act -> BN -> Linear -> act -> Linear) as a few GEMMs over
-// all neurons plus fused element-wise passes. The GEMMs go through ATen (BLAS / cuBLAS): the layer-wide one
-// directly, the per-neuron ones through K::gemm (a loop of GEMMs on the CPU, one batched GEMM on CUDA); the
+// all neurons plus fused element-wise passes. The GEMMs go through K::gemm (CPU: a loop of BLAS calls, one
+// per neuron; CUDA: one batched cuBLAS GEMM), the layer-wide first Linear as a batch of one; the
 // element-wise passes are the backend's kernels K (csrc/cpu/dan.cpp, csrc/cuda/dan.cu), so CPU and CUDA share
 // this code.
 //
@@ -157,8 +157,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dan_layer_forward_impl(
   if (d.per_neuron) {
     z1 = at::empty({N, B, nf}, opts);
     K::gemm(z1, beff1, u1, Weff1.transpose(1, 2));
-  } else {
-    z1 = at::addmm(beff1.view({N * nf}), u1, Weff1.view({N * nf, ni}).t());
+  } else {  // one GEMM for all neurons: [B, ni] x [ni, N * nf]
+    z1 = at::empty({B, N * nf}, opts);
+    K::gemm(z1.unsqueeze(0), beff1.view({1, N * nf}), u1.unsqueeze(0), Weff1.view({1, N * nf, ni}).transpose(1, 2));
   }
   const at::Tensor a1 = apply_act(z1, act);  // z1 holds a1 unless the activation is GELU
 
@@ -247,8 +248,12 @@ std::vector<at::Tensor> dan_layer_backward_impl(
       K::gemm(du1, undefined, dz1, Weff1);
     }
   } else {
-    dWeff1 = at::mm(dz1.t(), u1).view({N, nf, ni});
-    if (input_grad) du1 = at::mm(dz1, Weff1.view({N * nf, ni}));
+    dWeff1 = at::empty({N, nf, ni}, opts);
+    K::gemm(dWeff1.view({1, N * nf, ni}), undefined, dz1.t().unsqueeze(0), u1.unsqueeze(0));
+    if (input_grad) {
+      du1 = at::empty({B, ni}, opts);
+      K::gemm(du1.unsqueeze(0), undefined, dz1.unsqueeze(0), Weff1.view({1, N * nf, ni}));
+    }
   }
   at::Tensor dW1 = at::empty_like(W1), dg1 = at::empty({N, ni}, opts), db1 = at::empty({N, ni}, opts);
   K::unfold_backward(dWeff1, dbeff1, W1, contig(g1_), contig(b1_), rm1, rv1, eps, dW1, dg1, db1);

@@ -577,3 +577,49 @@ def test_vecdan_state_dict_and_parameter_split():
     net.train()
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         net(torch.randn(1, 2))
+
+
+def _torch_exports_sgemm() -> bool:
+    """Whether libtorch_cpu exports the Fortran BLAS sgemm_ that the CPU kernels call directly."""
+    import ctypes
+    import glob
+    import os
+
+    libs = glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.*"))
+    try:
+        return bool(libs) and hasattr(ctypes.CDLL(libs[0]), "sgemm_")
+    except OSError:
+        return False
+
+
+@needs_native
+def test_cpu_gemms_skip_aten_where_blas_is_reachable():
+    """The CPU layer calls BLAS itself (csrc/cpu/blas.h) when libtorch exports it, and ATen's GEMMs when not, or
+    when CLFAST_DIRECT_BLAS=0 (test_cpu_aten_gemm_path runs the parity tests that way)."""
+    import os
+
+    params, stats = _layer_tensors(3, 7, 5, 4, torch.float32, "cpu", 1)
+    x = torch.randn(9, 7, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        _run("native", x, params, stats, True, 1)
+    gemms = sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+    if os.environ.get("CLFAST_DIRECT_BLAS") == "0" or not _torch_exports_sgemm():
+        assert gemms > 0
+    else:
+        assert gemms == 0
+
+
+@needs_native
+def test_cpu_aten_gemm_path():
+    """With the direct BLAS calls off, the CPU kernels' ATen GEMM path passes the same parity tests."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, CLFAST_DIRECT_BLAS="0")
+    selected = ("(op_matches_reference and cpu) or without_biases_and_wide_layer or gradcheck or "
+                "non_contiguous_output_gradient or skip_aten or dan_training_matches_seed")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selected],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../dan.h"
+#include "blas.h"
 #include "vectorize.h"
 
 namespace clfast::cpu {
@@ -177,11 +178,36 @@ CLFAST_VECTORIZE void unfold_backward_neuron(const T* __restrict__ dwe, const T*
   }
 }
 
+// out[g] = bias[g] (broadcast over rows, if given) + a[g] b[g] straight through BLAS (csrc/cpu/blas.h), one call
+// per neuron (BLAS threads each call as it sees fit). Returns false, having written nothing, when BLAS is not
+// reachable or a matrix has no unit stride.
+template <typename T>
+bool blas_gemm(const at::Tensor& out, const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) {
+  const auto layout = [](const at::Tensor& t) { return blas::Layout{t.size(1), t.size(2), t.stride(1), t.stride(2)}; };
+  blas::Plan plan;
+  if ((out.size(2) > 1 && out.stride(2) != 1) || (bias.defined() && !bias.is_contiguous()) ||
+      !blas::plan<T>(layout(a), layout(b), out.stride(1), plan))
+    return false;
+  const int64_t m = plan.m, n = plan.n;
+  T* op = out.data_ptr<T>();
+  const T *ap = a.data_ptr<T>(), *bp = b.data_ptr<T>(), *cp = bias.defined() ? bias.data_ptr<T>() : nullptr;
+  for (int64_t g = 0; g < out.size(0); ++g) {
+    T* o = op + g * out.stride(0);
+    if (cp != nullptr)
+      for (int64_t i = 0; i < m; ++i) std::copy_n(cp + g * n, n, o + i * plan.ldc);
+    blas::run<T>(plan, ap + g * a.stride(0), bp + g * b.stride(0), cp != nullptr ? T(1) : T(0), o);
+  }
+  return true;
+}
+
 struct CpuKernels {
   // out[g] = bias[g] (broadcast over rows, if defined) + a[g] b[g] for every neuron g; views allowed (out may be
-  // a column block of a wider matrix: BLAS writes it in place). One GEMM per neuron: at these sizes ATen's
-  // batched GEMM costs more per call than the loop.
+  // a column block of a wider matrix: BLAS writes it in place). One GEMM per neuron, straight through BLAS
+  // where it can be reached, else through ATen (at these sizes ATen's batched GEMM costs more than the loop).
   static void gemm(const at::Tensor& out, const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) {
+    bool done = false;
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "dan_gemm", [&] { done = blas_gemm<scalar_t>(out, bias, a, b); });
+    if (done) return;
     for (int64_t g = 0; g < out.size(0); ++g) {
       at::Tensor o = out.select(0, g);
       if (bias.defined()) {
