@@ -59,7 +59,7 @@ def _extension():
     # -fno-math-errno and -fno-trapping-math let sqrt and branchy element-wise code vectorise; the values are
     # unchanged (errno is never set, FP exceptions are never observed).
     cxx = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
-    ldflags = ["-fopenmp"]
+    ldflags = ["-fopenmp", "-ldl"]  # -ldl: dladdr/dlopen (csrc/cpu/blas.h) on glibc < 2.34
     if not _with_cuda():
         return CppExtension("clfast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=ldflags)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;9.0")

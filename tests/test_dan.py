@@ -1,5 +1,6 @@
 """DAN layers: fused op vs reference, clfast.nn modules vs the seed's, conversions, bad input, autograd, compile."""
 import copy
+import os
 import warnings
 
 import pytest
@@ -579,31 +580,30 @@ def test_vecdan_state_dict_and_parameter_split():
         net(torch.randn(1, 2))
 
 
-def _torch_exports_sgemm() -> bool:
-    """Whether libtorch_cpu exports the Fortran BLAS sgemm_ that the CPU kernels call directly."""
+def _torch_exports_blas(name: str) -> bool:
+    """Whether the loaded libtorch_cpu (where the CPU kernels look, csrc/cpu/blas.h) exports BLAS ``name``."""
     import ctypes
-    import glob
-    import os
 
-    libs = glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.*"))
-    try:
-        return bool(libs) and hasattr(ctypes.CDLL(libs[0]), "sgemm_")
-    except OSError:
-        return False
+    with open("/proc/self/maps") as maps:
+        paths = {line.split()[-1] for line in maps if "libtorch_cpu" in line.split()[-1]}
+    return any(hasattr(ctypes.CDLL(path), name) for path in paths)
 
 
 @needs_native
-def test_cpu_gemms_skip_aten_where_blas_is_reachable():
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("per_neuron", [False, True], ids=["shared_input", "per_neuron_input"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_cpu_gemms_skip_aten_where_blas_is_reachable(dtype, per_neuron, training):
     """The CPU layer calls BLAS itself (csrc/cpu/blas.h) when libtorch exports it, and ATen's GEMMs when not, or
     when CLFAST_DIRECT_BLAS=0 (test_cpu_aten_gemm_path runs the parity tests that way)."""
-    import os
-
-    params, stats = _layer_tensors(3, 7, 5, 4, torch.float32, "cpu", 1)
-    x = torch.randn(9, 7, requires_grad=True)
+    params, stats = _layer_tensors(3, 7, 5, 4, dtype, "cpu", 1)
+    x = torch.randn((3, 9, 7) if per_neuron else (9, 7), dtype=dtype, requires_grad=True)
     with torch.profiler.profile() as prof:
-        _run("native", x, params, stats, True, 1)
+        _run("native", x, params, stats, training, 1)
     gemms = sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
-    if os.environ.get("CLFAST_DIRECT_BLAS") == "0" or not _torch_exports_sgemm():
+    blas = "sgemm_" if dtype == torch.float32 else "dgemm_"
+    if os.environ.get("CLFAST_DIRECT_BLAS") == "0" or not _torch_exports_blas(blas):
         assert gemms > 0
     else:
         assert gemms == 0
@@ -612,7 +612,6 @@ def test_cpu_gemms_skip_aten_where_blas_is_reachable():
 @needs_native
 def test_cpu_aten_gemm_path():
     """With the direct BLAS calls off, the CPU kernels' ATen GEMM path passes the same parity tests."""
-    import os
     import subprocess
     import sys
 

@@ -28,14 +28,17 @@ struct Table {
   GemmFn<double> dgemm = nullptr;
 };
 
-// The BLAS ATen itself calls: the one in the library that holds ATen (torch loads it with RTLD_LOCAL, so it is
-// not in the global namespace), else any the process has loaded globally.
+// The BLAS ATen itself calls, looked up in the library that holds ATen (torch loads it with RTLD_LOCAL, so it
+// is not in the global namespace). Nothing else: another library's BLAS would bring its own threads and
+// rounding, and ATen's GEMMs are the better fallback.
 inline void* find(const char* name) {
   Dl_info info{};
-  if (dladdr(reinterpret_cast<void*>(&at::globalContext), &info) != 0 && info.dli_fname != nullptr)
-    if (void* lib = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD))
-      if (void* f = dlsym(lib, name)) return f;
-  return dlsym(RTLD_DEFAULT, name);
+  if (dladdr(reinterpret_cast<void*>(&at::globalContext), &info) == 0 || info.dli_fname == nullptr) return nullptr;
+  void* lib = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
+  if (lib == nullptr) return nullptr;
+  void* f = dlsym(lib, name);
+  dlclose(lib);  // torch keeps the library loaded; this only drops the reference dlopen added
+  return f;
 }
 
 // CLFAST_DIRECT_BLAS=0 turns the direct calls off (every GEMM through ATen), for tests of that path.

@@ -194,9 +194,17 @@ const T* ptr_or_null(const at::Tensor& t) {
 }
 
 struct CudaKernels {
-  // out[g] = bias[g] (broadcast over rows, if defined) + a[g] b[g] for every neuron g, as one batched GEMM.
+  // out[g] = bias[g] (broadcast over rows, if defined) + a[g] b[g] for every neuron g, as one batched GEMM (one
+  // plain GEMM for a batch of one, the layer-wide first Linear: cuBLASLt can fuse its bias there).
   static void gemm(const at::Tensor& out, const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) {
-    if (bias.defined()) {
+    if (out.size(0) == 1) {
+      at::Tensor o = out.select(0, 0);
+      if (bias.defined()) {
+        at::addmm_out(o, bias.select(0, 0), a.select(0, 0), b.select(0, 0));
+      } else {
+        at::mm_out(o, a.select(0, 0), b.select(0, 0));
+      }
+    } else if (bias.defined()) {
       at::baddbmm_out(const_cast<at::Tensor&>(out), bias.unsqueeze(1), a, b);
     } else {
       at::bmm_out(const_cast<at::Tensor&>(out), a, b);
