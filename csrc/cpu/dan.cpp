@@ -181,14 +181,6 @@ CLFAST_VECTORIZE void unfold_backward_neuron(const T* __restrict__ dwe, const T*
   }
 }
 
-// Each of m rows (stride ld) of o = the n values at v: the bias that a GEMM with beta = 1 then adds to. One
-// loop, not a memmove call per row (rows are as short as 10 values).
-template <typename T>
-CLFAST_VECTORIZE void fill_rows(T* __restrict__ o, int64_t m, int64_t n, int64_t ld, const T* __restrict__ v) {
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < n; ++j) o[i * ld + j] = v[j];
-}
-
 // out[g] = bias[g] (broadcast over rows, if given) + a[g] b[g] straight through BLAS (csrc/cpu/blas.h), one call
 // per neuron (BLAS threads each call as it sees fit). Returns false, having written nothing, when BLAS is not
 // reachable or a matrix has no unit stride.
@@ -204,7 +196,8 @@ bool blas_gemm(const at::Tensor& out, const at::Tensor& bias, const at::Tensor& 
   const T *ap = a.data_ptr<T>(), *bp = b.data_ptr<T>(), *cp = bias.defined() ? bias.data_ptr<T>() : nullptr;
   for (int64_t g = 0; g < out.size(0); ++g) {
     T* o = op + g * out.stride(0);
-    if (cp != nullptr) fill_rows(o, m, n, plan.ldc, cp + g * n);
+    if (cp != nullptr)  // the bias, which the GEMM (beta = 1) adds to
+      for (int64_t i = 0; i < m; ++i) std::copy_n(cp + g * n, n, o + i * plan.ldc);
     blas::run<T>(plan, ap + g * a.stride(0), bp + g * b.stride(0), cp != nullptr ? T(1) : T(0), o);
   }
   return true;
