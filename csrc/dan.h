@@ -122,6 +122,19 @@ inline at::Tensor apply_act(at::Tensor& z, int64_t act) {
 }
 inline at::Tensor contig(const std::optional<at::Tensor>& t) { return present(t) ? contig(*t) : at::Tensor(); }
 
+// out[g] = bias[g] (broadcast over rows, if defined) + a[g] b[g], one ATen GEMM per neuron g; out may be a view
+// (ATen writes each block in place). The backends' K::gemm falls back on it.
+inline void gemm_per_neuron(const at::Tensor& out, const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) {
+  for (int64_t g = 0; g < out.size(0); ++g) {
+    at::Tensor o = out.select(0, g);
+    if (bias.defined()) {
+      at::addmm_out(o, bias.select(0, g), a.select(0, g), b.select(0, g));
+    } else {
+      at::mm_out(o, a.select(0, g), b.select(0, g));
+    }
+  }
+}
+
 }  // namespace dan_detail
 
 // Forward. Train mode (no running statistics): batch statistics. Returns the output [B, N * no] and the tensors

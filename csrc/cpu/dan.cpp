@@ -210,15 +210,7 @@ struct CpuKernels {
   static void gemm(const at::Tensor& out, const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) {
     bool done = false;
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "dan_gemm", [&] { done = blas_gemm<scalar_t>(out, bias, a, b); });
-    if (done) return;
-    for (int64_t g = 0; g < out.size(0); ++g) {
-      at::Tensor o = out.select(0, g);
-      if (bias.defined()) {
-        at::addmm_out(o, bias.select(0, g), a.select(0, g), b.select(0, g));
-      } else {
-        at::mm_out(o, a.select(0, g), b.select(0, g));
-      }
-    }
+    if (!done) dan_detail::gemm_per_neuron(out, bias, a, b);
   }
 
   // u = normalize ? (h - mean) * rstd : h per column of the [B, C] matrix h, with its mean and biased variance.

@@ -198,12 +198,7 @@ struct CudaKernels {
   // plain GEMM for a batch of one, the layer-wide first Linear: cuBLASLt can fuse its bias there).
   static void gemm(const at::Tensor& out, const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) {
     if (out.size(0) == 1) {
-      at::Tensor o = out.select(0, 0);
-      if (bias.defined()) {
-        at::addmm_out(o, bias.select(0, 0), a.select(0, 0), b.select(0, 0));
-      } else {
-        at::mm_out(o, a.select(0, 0), b.select(0, 0));
-      }
+      dan_detail::gemm_per_neuron(out, bias, a, b);
     } else if (bias.defined()) {
       at::baddbmm_out(const_cast<at::Tensor&>(out), bias.unsqueeze(1), a, b);
     } else {
