@@ -52,14 +52,15 @@ def _with_cuda() -> bool:
 
 def _extension():
     rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
-    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
+    # csrc/ops.cpp (the schemas) and, per op family, csrc/<family>/*.cpp (front, CPU launchers) and *.cu (CUDA).
+    sources = rel("csrc/*.cpp") + rel("csrc/*/*.cpp")
     # -O3 for auto-vectorised loops; no -march=native so a wheel runs on any x86-64: the hot loops are compiled
-    # for AVX-512, AVX2 and baseline x86-64 and picked at load time (csrc/cpu/vectorize.h). -ffp-contract=off:
+    # for AVX-512, AVX2 and baseline x86-64 and picked at load time (csrc/common/vectorize.h). -ffp-contract=off:
     # no clone fuses a multiply and an add, so every clone rounds like the baseline.
     # -fno-math-errno and -fno-trapping-math let sqrt and branchy element-wise code vectorise; the values are
     # unchanged (errno is never set, FP exceptions are never observed).
     cxx = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
-    ldflags = ["-fopenmp", "-ldl"]  # -ldl: dladdr/dlopen (csrc/cpu/blas.h) on glibc < 2.34
+    ldflags = ["-fopenmp", "-ldl"]  # -ldl: dladdr/dlopen (csrc/common/blas.h) on glibc < 2.34
     if not _with_cuda():
         return CppExtension("clfast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=ldflags)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;9.0")
@@ -67,8 +68,8 @@ def _extension():
     nvcc = ["-O3", "-lineinfo"]
     return CUDAExtension(
         "clfast._C",
-        sources + rel("csrc/cuda/*.cu"),
-        extra_compile_args={"cxx": cxx + ["-DCLFAST_WITH_CUDA"], "nvcc": nvcc},
+        sources + rel("csrc/*/*.cu"),
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         extra_link_args=ldflags,
     )
 

@@ -277,4 +277,4 @@ if native_available():
     def _(rm1, rv1, nb1, rm2, rv2, nb2, mean1, var1, mean2, var2, momentum, batch):
         return None
 
-    # dan_layer_forward's autograd is registered in C++ (csrc/dan.cpp).
+    # dan_layer_forward's autograd is registered in C++ (csrc/dan/dan.cpp).

@@ -581,7 +581,7 @@ def test_vecdan_state_dict_and_parameter_split():
 
 
 def _torch_exports_blas(name: str) -> bool:
-    """Whether the loaded libtorch_cpu (where the CPU kernels look, csrc/cpu/blas.h) exports BLAS ``name``."""
+    """Whether the loaded libtorch_cpu (where the CPU kernels look, csrc/common/blas.h) exports BLAS ``name``."""
     import ctypes
 
     with open("/proc/self/maps") as maps:
@@ -595,7 +595,7 @@ def _torch_exports_blas(name: str) -> bool:
 @pytest.mark.parametrize("per_neuron", [False, True], ids=["shared_input", "per_neuron_input"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_cpu_gemms_skip_aten_where_blas_is_reachable(dtype, per_neuron, training):
-    """The CPU layer calls BLAS itself (csrc/cpu/blas.h) when libtorch exports it, and ATen's GEMMs when not, or
+    """The CPU layer calls BLAS itself (csrc/common/blas.h) when libtorch exports it, and ATen's GEMMs when not, or
     when CLFAST_DIRECT_BLAS=0 (test_cpu_aten_gemm_path runs the parity tests that way)."""
     params, stats = _layer_tensors(3, 7, 5, 4, dtype, "cpu", 1)
     x = torch.randn((3, 9, 7) if per_neuron else (9, 7), dtype=dtype, requires_grad=True)

@@ -1,9 +1,9 @@
-// Element math of the DAN kernels, shared by the CPU and CUDA kernels: the BatchNorm fold (csrc/dan.h), and the
+// Element math of the DAN kernels, shared by the CPU and CUDA kernels: the BatchNorm fold (csrc/dan/dan.h), and the
 // derivatives of the activations with torch's formulas. The activations' forward goes through ATen's vectorised
-// kernels (csrc/dan.h: apply_act), which keep their output: tanh, sigmoid and relu differentiate from it (as
+// kernels (csrc/dan/dan.h: apply_act), which keep their output: tanh, sigmoid and relu differentiate from it (as
 // torch does), GELU from its input.
 #pragma once
-#include <c10/macros/Macros.h>
+#include "host_device.h"
 
 #include <cmath>
 #include <cstdint>
@@ -13,7 +13,7 @@ namespace clfast {
 
 // 1 / sqrt(var + eps), rounded once from double, as BatchNorm's inverse standard deviation.
 template <typename T>
-C10_HOST_DEVICE inline T bn_rstd(T var, double eps) {
+CLFAST_HD inline T bn_rstd(T var, double eps) {
   using std::sqrt;
   return static_cast<T>(1.0 / sqrt(static_cast<double>(var) + eps));
 }
@@ -21,7 +21,7 @@ C10_HOST_DEVICE inline T bn_rstd(T var, double eps) {
 // (s, t) of column i of a BatchNorm folded into the following Linear (Weff = W * s, beff = c + W t): train
 // mode (rm == nullptr) s = gamma, t = beta; eval mode s = gamma * rstd_run, t = beta - mean_run * s.
 template <typename T>
-C10_HOST_DEVICE inline void bn_scale_shift(const T* g, const T* b, const T* rm, const T* rv, double eps, int64_t i,
+CLFAST_HD inline void bn_scale_shift(const T* g, const T* b, const T* rm, const T* rv, double eps, int64_t i,
                                            T& s, T& t) {
   if (rm == nullptr) {
     s = g[i];
@@ -35,7 +35,7 @@ C10_HOST_DEVICE inline void bn_scale_shift(const T* g, const T* b, const T* rm, 
 // The gradient of gamma from P = sum_r dWeff * W and Q = sum_r dbeff * W (Q is beta's): train mode P, eval
 // mode rstd_run * (P - mean_run * Q), since t depends on gamma through s there.
 template <typename T>
-C10_HOST_DEVICE inline T bn_gamma_grad(T P, T Q, const T* rm, const T* rv, double eps, int64_t i) {
+CLFAST_HD inline T bn_gamma_grad(T P, T Q, const T* rm, const T* rv, double eps, int64_t i) {
   return rm == nullptr ? P : bn_rstd(rv[i], eps) * (P - rm[i] * Q);
 }
 
@@ -48,7 +48,7 @@ constexpr bool needs_input(int act) { return act == kGelu || act == kGeluTanh; }
 
 // grad * act'(z), from s = act(z) or, when needs_input(act), s = z.
 template <typename T>
-C10_HOST_DEVICE inline T act_backward(int act, T grad, T s) {
+CLFAST_HD inline T act_backward(int act, T grad, T s) {
   using std::erf;
   using std::exp;
   using std::tanh;

@@ -2,7 +2,7 @@
 // torch.optim.SGD / Adam's single-tensor code paths, so parameters match torch's within rounding (nvcc may
 // contract products into FMAs).
 #pragma once
-#include <c10/macros/Macros.h>
+#include "host_device.h"
 
 #include <cmath>
 
@@ -24,7 +24,7 @@ inline SgdHyper<T> make_sgd_hyper(double lr, double momentum, double dampening, 
 
 // Returns the new parameter value; updates the momentum buffer in place when momentum is used.
 template <typename T>
-C10_HOST_DEVICE inline T sgd_update(T param, T grad, T* buf, const SgdHyper<T>& h) {
+CLFAST_HD inline T sgd_update(T param, T grad, T* buf, const SgdHyper<T>& h) {
   T g = h.weight_decayed ? grad + h.weight_decay * param : grad;
   if (h.use_momentum) {
     const T b = h.init_buffers ? g : *buf * h.momentum + h.dampening_complement * g;
@@ -52,7 +52,7 @@ inline AdamHyper<T> make_adam_hyper(double lr, double beta1, double beta2, doubl
 // kDecay: weight decay is on; kLowLerp: 1 - beta1 < 0.5 (which side of torch's lerp formula applies). As
 // template flags the CPU loop has no branches left and vectorises.
 template <bool kDecay, bool kLowLerp, typename T>
-C10_HOST_DEVICE inline T adam_update_t(T param, T grad, T* exp_avg, T* exp_avg_sq, const AdamHyper<T>& h) {
+CLFAST_HD inline T adam_update_t(T param, T grad, T* exp_avg, T* exp_avg_sq, const AdamHyper<T>& h) {
   T g = grad;
   if constexpr (kDecay) g = grad + h.weight_decay * param;
   // exp_avg.lerp_(g, 1 - beta1), with torch's two-sided lerp formula.
@@ -72,7 +72,7 @@ C10_HOST_DEVICE inline T adam_update_t(T param, T grad, T* exp_avg, T* exp_avg_s
 }
 
 template <typename T>
-C10_HOST_DEVICE inline T adam_update(T param, T grad, T* exp_avg, T* exp_avg_sq, const AdamHyper<T>& h) {
+CLFAST_HD inline T adam_update(T param, T grad, T* exp_avg, T* exp_avg_sq, const AdamHyper<T>& h) {
   const bool low = h.one_minus_beta1 < T(0.5);
   if (h.weight_decayed)
     return low ? adam_update_t<true, true>(param, grad, exp_avg, exp_avg_sq, h)

@@ -11,7 +11,8 @@
 #include <utility>
 #include <vector>
 
-#include "../checks.h"
+#include "../common/checks.h"
+#include "cbp.h"
 
 namespace clfast::cpu {
 namespace {

@@ -1,63 +1,13 @@
-// Input validation shared by the CPU and CUDA implementations: every op checks its tensor lists once, at
-// the boundary, with a message that names the op, the list, the index and what was expected.
+// CBP op family: argument checks shared by the CPU and CUDA implementations.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
 #include <string>
-#include <utility>
 #include <vector>
 
 namespace clfast {
-
-struct NamedList {
-  const char* name;
-  at::TensorList tensors;
-  bool optional = false;  // may be empty instead of matching the reference list
-};
-
-// All tensors defined, float32/float64 (one dtype for all), on `device_type` and one device, each with the
-// shape of ref[i]. `ref` is the first list (the parameters).
-inline void check_lists(const char* op, c10::DeviceType device_type, std::initializer_list<NamedList> lists) {
-  const NamedList& ref = *lists.begin();
-  TORCH_CHECK(!ref.tensors.empty(), "clfast.", op, ": expected at least one tensor in '", ref.name, "'");
-  const at::Tensor& first = ref.tensors[0];
-  for (const NamedList& l : lists) {
-    if (l.optional && l.tensors.empty()) continue;
-    TORCH_CHECK(l.tensors.size() == ref.tensors.size(), "clfast.", op, ": '", l.name, "' has ", l.tensors.size(),
-                " tensors but '", ref.name, "' has ", ref.tensors.size());
-    for (size_t i = 0; i < l.tensors.size(); ++i) {
-      const at::Tensor& t = l.tensors[i];
-      TORCH_CHECK(t.defined(), "clfast.", op, ": ", l.name, "[", i, "] is undefined (None)");
-      TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "clfast.", op, ": ", l.name, "[",
-                  i, "] must be float32 or float64, got ", t.scalar_type());
-      TORCH_CHECK(t.scalar_type() == first.scalar_type(), "clfast.", op, ": all tensors must share one dtype; ",
-                  l.name, "[", i, "] is ", t.scalar_type(), " but ", ref.name, "[0] is ", first.scalar_type());
-      TORCH_CHECK(t.device().type() == device_type && t.device() == first.device(), "clfast.", op, ": ", l.name,
-                  "[", i, "] is on ", t.device(), " but ", ref.name, "[0] is on ", first.device(),
-                  "; all tensors must be on one device");
-      TORCH_CHECK(t.sizes() == ref.tensors[i].sizes(), "clfast.", op, ": ", l.name, "[", i, "] has shape ",
-                  t.sizes(), " but ", ref.name, "[", i, "] has shape ", ref.tensors[i].sizes());
-    }
-  }
-}
-
-// Contiguous views of a list for the kernels. For a list the op writes, finish() copies results back into
-// any original that was not contiguous (the kernels address elements linearly).
-struct ContigList {
-  std::vector<at::Tensor> orig, work;
-  explicit ContigList(at::TensorList l) : orig(l.begin(), l.end()) {
-    work.reserve(orig.size());
-    for (const at::Tensor& t : orig) work.push_back(t.contiguous());
-  }
-  void finish() {
-    for (size_t i = 0; i < orig.size(); ++i)
-      if (!orig[i].is_same(work[i])) orig[i].copy_(work[i]);
-  }
-  size_t size() const { return work.size(); }
-  bool empty() const { return work.empty(); }
-};
 
 // ---- CBP ----------------------------------------------------------------------------------------------------
 
@@ -153,37 +103,6 @@ inline CbpReplace check_cbp_replace(const char* op, c10::DeviceType dt, const at
               ": new_weights must be [k <= ", n, ", ", fan_in, "] (one row per replaced unit), got ",
               new_weights.sizes());
   return {n, fan_in, group};
-}
-
-// ---- reservoir buffer ---------------------------------------------------------------------------------------
-
-// storage[f] is [capacity, *batch[f].shape[1:]] with batch[f]'s dtype, all contiguous storage on one device of
-// type dt; draws [B] float64. Returns the capacity.
-inline int64_t check_reservoir(const char* op, c10::DeviceType dt, at::TensorList storage, at::TensorList batch,
-                               const at::Tensor& draws, int64_t num_seen) {
-  TORCH_CHECK(!storage.empty() && storage.size() == batch.size(), "clfast.", op,
-              ": expected one batch tensor per storage field, got ", batch.size(), " for ", storage.size());
-  TORCH_CHECK(num_seen >= 0, "clfast.", op, ": num_seen must be >= 0, got ", num_seen);
-  const int64_t capacity = storage[0].dim() > 0 ? storage[0].size(0) : 0;
-  const int64_t B = batch[0].dim() > 0 ? batch[0].size(0) : -1;
-  TORCH_CHECK(capacity > 0, "clfast.", op, ": storage must have a leading capacity dimension > 0");
-  for (size_t f = 0; f < storage.size(); ++f) {
-    const at::Tensor &s = storage[f], &b = batch[f];
-    TORCH_CHECK(s.device().type() == dt && s.device() == storage[0].device() && s.is_contiguous(), "clfast.", op,
-                ": storage[", f, "] must be contiguous on ", storage[0].device(), ", got ", s.device());
-    TORCH_CHECK(b.device() == s.device(), "clfast.", op, ": batch[", f, "] is on ", b.device(), " but the buffer is on ",
-                s.device());
-    TORCH_CHECK(s.dim() >= 1 && s.size(0) == capacity && b.dim() == s.dim() && b.size(0) == B &&
-                    b.sizes().slice(1) == s.sizes().slice(1),
-                "clfast.", op, ": batch[", f, "] has shape ", b.sizes(), " but the buffer holds items of shape ",
-                s.sizes().slice(1), " (and every field needs the same batch size ", B, ")");
-    TORCH_CHECK(b.scalar_type() == s.scalar_type(), "clfast.", op, ": batch[", f, "] is ", b.scalar_type(),
-                " but the buffer stores ", s.scalar_type());
-  }
-  TORCH_CHECK(draws.scalar_type() == at::kDouble && draws.dim() == 1 && draws.size(0) == B &&
-                  draws.device() == storage[0].device(),
-              "clfast.", op, ": draws must be a float64 vector of ", B, " values on ", storage[0].device());
-  return capacity;
 }
 
 }  // namespace clfast

@@ -1,4 +1,4 @@
-// DAN layer ops on the CPU: the column passes of csrc/dan.h. Each pass works on tiles of kTile columns
+// DAN layer ops on the CPU: the column passes of csrc/dan/dan.h. Each pass works on tiles of kTile columns
 // of the logical [B, C] activation matrix (contiguous in both layouts), one tile per task of at::parallel_for.
 // Full tiles have a compile-time width, so their row loops vectorise; column sums run in scalar_t over blocks
 // of kRowBlock rows and are added up in double.
@@ -11,9 +11,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "../dan.h"
-#include "blas.h"
-#include "vectorize.h"
+#include "dan.h"
+#include "../common/blas.h"
+#include "../common/vectorize.h"
 
 namespace clfast::cpu {
 namespace {
@@ -181,7 +181,7 @@ CLFAST_VECTORIZE void unfold_backward_neuron(const T* __restrict__ dwe, const T*
   }
 }
 
-// out[g] = bias[g] (broadcast over rows, if given) + a[g] b[g] straight through BLAS (csrc/cpu/blas.h), one call
+// out[g] = bias[g] (broadcast over rows, if given) + a[g] b[g] straight through BLAS (csrc/common/blas.h), one call
 // per neuron (BLAS threads each call as it sees fit). Returns false, having written nothing, when BLAS is not
 // reachable or a matrix has no unit stride.
 template <typename T>
@@ -321,7 +321,7 @@ struct CpuKernels {
 };
 
 // One BatchNorm's running statistics: rm = rm * (1 - momentum) + momentum * mean, rv likewise with the unbiased
-// variance, in the composite's (csrc/dan.cpp) operation order (ATen's add may fuse the last multiply-add, so
+// variance, in the composite's (csrc/dan/dan.cpp) operation order (ATen's add may fuse the last multiply-add, so
 // the two can differ in the last bit). The S batch statistics (S = C when the layer's
 // input is shared, N * C otherwise) update every S-sized block of the n running values.
 template <typename T>
@@ -360,7 +360,7 @@ void bn_update_one(at::Tensor& rm, at::Tensor& rv, at::Tensor& nb, const at::Ten
   for (int64_t i = 0; i < nb.numel(); ++i) counters[i] += 1;
 }
 
-// The CPU kernel of dan_bn_update_ (csrc/dan.cpp has the device-generic composite): one loop per BatchNorm
+// The CPU kernel of dan_bn_update_ (csrc/dan/dan.cpp has the device-generic composite): one loop per BatchNorm
 // instead of five ATen calls. Both BatchNorms' arguments are checked before either is written.
 void dan_bn_update_(at::Tensor& running_mean1, at::Tensor& running_var1, at::Tensor& num_batches1,
                     at::Tensor& running_mean2, at::Tensor& running_var2, at::Tensor& num_batches2,

@@ -1,7 +1,7 @@
 // One DAN layer (N neurons, each BN -> Linear -> act -> BN -> Linear -> act -> Linear) as a few GEMMs over
 // all neurons plus fused element-wise passes. The GEMMs go through K::gemm (CPU: a loop of BLAS calls, one
 // per neuron; CUDA: one batched cuBLAS GEMM), the layer-wide first Linear as a batch of one; the
-// element-wise passes are the backend's kernels K (csrc/cpu/dan.cpp, csrc/cuda/dan.cu), so CPU and CUDA share
+// element-wise passes are the backend's kernels K (csrc/dan/dan_cpu.cpp, csrc/dan/dan_cuda.cu), so CPU and CUDA share
 // this code.
 //
 // Each BatchNorm's affine part is folded into the Linear that follows it: with u the normalised input
@@ -19,7 +19,7 @@
 #include <tuple>
 #include <vector>
 
-#include "math/dan.h"
+#include "../math/dan.h"
 
 namespace clfast {
 

@@ -1,4 +1,4 @@
-// DAN layer ops on CUDA: the column passes of csrc/dan.h (GEMMs and activations are ATen calls made there).
+// DAN layer ops on CUDA: the column passes of csrc/dan/dan.h (GEMMs and activations are ATen calls made there).
 // Each pass over activations is one launch for all neurons: a block owns 32 columns of one neuron (coalesced along
 // the columns) and 8 row lanes; column statistics are reduced in shared memory in double, and the block that
 // computed a column's statistics also applies them, so a BatchNorm costs one launch and no grid-wide sync.
@@ -10,7 +10,7 @@
 
 #include <algorithm>
 
-#include "../dan.h"
+#include "dan.h"
 
 namespace clfast::cuda {
 namespace {

@@ -5,8 +5,9 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
-#include "../checks.h"
-#include "common.cuh"
+#include "../common/checks.h"
+#include "cbp.h"
+#include "../common/multi_tensor_cuda.h"
 
 namespace clfast::cuda {
 namespace {

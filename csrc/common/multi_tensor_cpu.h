@@ -2,6 +2,7 @@
 // tensors run in one at::parallel_for, so one op call is one parallel region whatever the parameter count.
 #pragma once
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <cstdint>
