@@ -185,77 +185,135 @@ def dan_layer(x: Tensor, params: Sequence[Optional[Tensor]], stats: Sequence[Ten
 
 # ---- fake (meta) kernels and autograd for the native ops --------------------------------------------------------
 
+
+def _one_device(op: str, *args) -> None:
+    """A fake kernel runs for meta tensors and under FakeTensorMode. A real tensor among meta ones would send a
+    call there too and do nothing: every tensor argument must be on one device, as the native fronts check."""
+    first = None
+    for arg in args:
+        for t in (arg if isinstance(arg, (list, tuple)) else [arg]):
+            if isinstance(t, Tensor):
+                if first is None:
+                    first = t
+                elif t.device != first.device:
+                    raise RuntimeError(f"clfast.{op}: tensors on {first.device} and {t.device}; all tensors must be "
+                                       "on one device")
+
+
 if native_available():
 
     @torch.library.register_fake("clfast::si_accumulate_")
     def _(omega, params, ref, grads, ref_is_delta):
-        return None
+        _one_device("si_accumulate_", omega, params, ref, grads)
 
     @torch.library.register_fake("clfast::si_consolidate_")
     def _(importance, prev, omega, params, epsilon):
-        return None
+        _one_device("si_consolidate_", importance, prev, omega, params)
 
     @torch.library.register_fake("clfast::si_penalty")
     def _(importance, prev, params):
+        _one_device("si_penalty", importance, prev, params)
         return params[0].new_empty(())
 
     @torch.library.register_fake("clfast::si_penalty_backward")
     def _(grad_out, importance, prev, params):
+        _one_device("si_penalty_backward", grad_out, importance, prev, params)
         return [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
 
     @torch.library.register_fake("clfast::si_penalty_grad_")
     def _(grads, importance, prev, params, scale):
-        return None
+        _one_device("si_penalty_grad_", grads, importance, prev, params)
 
     @torch.library.register_fake("clfast::sgd_si_step_")
     def _(params, grads, momentum_buffers, omega, lr, momentum, dampening, weight_decay, nesterov, init_buffers):
-        return None
+        _one_device("sgd_si_step_", params, grads, momentum_buffers, omega)
 
     @torch.library.register_fake("clfast::adam_si_step_")
     def _(params, grads, exp_avg, exp_avg_sq, omega, lr, beta1, beta2, eps, weight_decay, bc1, bc2):
-        return None
+        _one_device("adam_si_step_", params, grads, exp_avg, exp_avg_sq, omega)
 
     @torch.library.register_fake("clfast::cbp_update_")
     def _(utility, mean, age, features, w_next, w_cur, decay, utility_type):
-        return None
+        _one_device("cbp_update_", utility, mean, age, features, w_next, w_cur)
 
     @torch.library.register_fake("clfast::cbp_replace_")
     def _(w_cur, b_cur, w_next, b_next, utility, mean, age, new_weights, decay, maturity_threshold):
+        _one_device("cbp_replace_", w_cur, b_cur, w_next, b_next, utility, mean, age, new_weights)
         return utility.new_empty((new_weights.shape[0],), dtype=torch.long)
 
     @torch.library.register_fake("clfast::reservoir_add_")
     def _(storage, batch, draws, num_seen):
-        return None
+        _one_device("reservoir_add_", storage, batch, draws)
 
+    # The backward reads the forward's inputs through saved tensors, so autograd refuses it when one of them was
+    # changed in place in between (as torch does for the tensors its own formula saves).
     def _si_penalty_setup(ctx, inputs, output):
-        ctx.importance, ctx.prev, ctx.params = inputs
+        importance, prev, params = inputs
+        ctx.n = len(params)
+        ctx.save_for_backward(*importance, *prev, *params)
 
     def _si_penalty_backward(ctx, grad):
-        grads = torch.ops.clfast.si_penalty_backward(grad, ctx.importance, ctx.prev, ctx.params)
-        return [None] * len(grads), [None] * len(grads), grads
+        n = ctx.n
+        saved = ctx.saved_tensors
+        importance, prev, params = saved[:n], saved[n:2 * n], saved[2 * n:]
+        needs_imp, needs_prev, needs_params = ctx.needs_input_grad
+        grad_params = grad_prev = grad_imp = None
+        if needs_params or needs_prev:
+            d = torch.ops.clfast.si_penalty_backward(grad, list(importance), list(prev), list(params))
+            grad_params = d if needs_params else None
+            grad_prev = [-t for t in d] if needs_prev else None
+        if needs_imp:
+            grad_imp = [grad * (p - pv) ** 2 for p, pv in zip(params, prev)]
+        return grad_imp, grad_prev, grad_params
 
     torch.library.register_autograd("clfast::si_penalty", _si_penalty_backward, setup_context=_si_penalty_setup)
 
     @torch.library.register_fake("clfast::kron_quadratic")
     def _(a, g, v):
+        _one_device("kron_quadratic", a, g, v)
         return v[0].new_empty(()), [torch.empty_like(x, memory_format=torch.contiguous_format) for x in v]
 
     @torch.library.register_fake("clfast::kron_mv")
     def _(scale, a, g, v):
+        _one_device("kron_mv", scale, a, g, v)
         return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in v]
 
     def _kron_setup(ctx, inputs, output):
-        ctx.products = output[1]
+        a, g, v = inputs
+        ctx.n = len(v)
         ctx.mark_non_differentiable(*output[1])
+        ctx.save_for_backward(*a, *g, *v, *output[1])
+
+    def _symmetric(factors) -> bool:
+        """Whether every factor is exactly symmetric: one host read for all of them (the general gradient costs two
+        GEMMs more per block). Under tracing no value can be read, so the general gradient is traced."""
+        if torch.compiler.is_compiling() or torch._guards.detect_fake_mode(factors) is not None:
+            return False
+        return bool(torch.stack([(f == f.mT).all() for f in factors]).all())
 
     def _kron_backward(ctx, grad, _grad_products):
-        grads = [t * (2 * grad) for t in ctx.products]  # d/dv <g v a, v> = 2 g v a, computed in the forward
-        return [None] * len(grads), [None] * len(grads), grads
+        n = ctx.n
+        saved = ctx.saved_tensors
+        a, g, v, products = saved[:n], saved[n:2 * n], saved[2 * n:3 * n], saved[3 * n:]
+        needs_a, needs_g, needs_v = ctx.needs_input_grad
+        grad_a = grad_g = grad_v = None
+        if needs_v:
+            # d/dv tr(v^T g v a) = g v a + g^T v a^T: twice the forward's product when the factors are symmetric.
+            if _symmetric(list(a) + list(g)):
+                grad_v = [t * (2 * grad) for t in products]
+            else:
+                grad_v = [(t + gi.mT @ vi @ ai.mT) * grad for t, ai, gi, vi in zip(products, a, g, v)]
+        if needs_a:
+            grad_a = [vi.mT @ gi.mT @ vi * grad for gi, vi in zip(g, v)]  # d/da = v^T g^T v
+        if needs_g:
+            grad_g = [vi @ ai.mT @ vi.mT * grad for ai, vi in zip(a, v)]  # d/dg = v a^T v^T
+        return grad_a, grad_g, grad_v
 
     torch.library.register_autograd("clfast::kron_quadratic", _kron_backward, setup_context=_kron_setup)
 
     @torch.library.register_fake("clfast::dan_layer_forward")
     def _(x, g1, b1, w1, c1, g2, b2, w2, c2, w3, c3, rm1, rv1, rm2, rv2, eps, act):
+        _one_device("dan_layer", x, g1, b1, w1, c1, g2, b2, w2, c2, w3, c3, rm1, rv1, rm2, rv2)
         (n, nf, ni), no, batch, training = w1.shape, w3.shape[1], x.shape[-2], rm1 is None
         stats = lambda c: x.new_empty((c,) if training else (0,))  # noqa: E731
         g = n if x.dim() == 3 else 1
@@ -268,6 +326,7 @@ if native_available():
 
     @torch.library.register_fake("clfast::dan_layer_backward")
     def _(grad_out, x, g1, b1, w1, g2, b2, w2, w3, rm1, rv1, rm2, rv2, saved, eps, act, input_grad):
+        _one_device("dan_layer_backward", grad_out, x, g1, b1, w1, g2, b2, w2, w3, rm1, rv1, rm2, rv2, saved)
         n, nf = w1.shape[:2]
         return [x.new_empty(x.shape if input_grad else (0,)), torch.empty_like(g1), torch.empty_like(b1),
                 torch.empty_like(w1), x.new_empty((n, nf)), torch.empty_like(g2), torch.empty_like(b2),
@@ -275,6 +334,6 @@ if native_available():
 
     @torch.library.register_fake("clfast::dan_bn_update_")
     def _(rm1, rv1, nb1, rm2, rv2, nb2, mean1, var1, mean2, var2, momentum, batch):
-        return None
+        _one_device("dan_bn_update_", rm1, rv1, nb1, rm2, rv2, nb2, mean1, var1, mean2, var2)
 
     # dan_layer_forward's autograd is registered in C++ (csrc/dan/dan.cpp).

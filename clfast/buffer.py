@@ -63,10 +63,18 @@ class ReservoirBuffer:
                                      f"the buffer stores {s.dtype} {list(s.shape[1:])}")
         if B == 0:
             return
-        batch = [t.detach().to(device) for t in fields]
+        self._add([t.detach().to(device) for t in fields], None)
+
+    def _add(self, batch: List[Tensor], draws: Optional[Tensor]) -> None:
+        """Checked fields on the buffer's device; ``draws`` [B] float64 in [0, 1), or None for fresh ones."""
+        B, device = batch[0].shape[0], batch[0].device
+        if self.num_seen > 2 ** 63 - 1 - B:
+            raise OverflowError(f"ReservoirBuffer.add: num_seen {self.num_seen} + a batch of {B} overflows the "
+                                "stream index")
+        if draws is None:
+            draws = torch.rand(B, dtype=torch.float64, device=device, generator=self.generator)
         if not self.storage:
             self.storage = [torch.empty((self.capacity, *t.shape[1:]), dtype=t.dtype, device=device) for t in batch]
-        draws = torch.rand(B, dtype=torch.float64, device=device, generator=self.generator)
         _ops.reservoir_add_(self.storage, batch, draws, self.num_seen)
         self.num_seen += B
 
@@ -89,8 +97,13 @@ class ReservoirBuffer:
         if int(state["capacity"]) != self.capacity or any(s.shape[0] != self.capacity for s in storage):
             raise ValueError(f"ReservoirBuffer.load_state_dict: capacity {state['capacity']} does not match "
                              f"{self.capacity}")
-        if int(state["num_seen"]) < 0 or (state["num_seen"] and not storage):
-            raise ValueError("ReservoirBuffer.load_state_dict: inconsistent num_seen / storage")
+        num_seen = state["num_seen"]
+        if (isinstance(num_seen, bool) or int(num_seen) != num_seen or not 0 <= int(num_seen) < 2 ** 63
+                or (num_seen and not storage)):
+            raise ValueError(f"ReservoirBuffer.load_state_dict: num_seen must be an integer in [0, 2^63) with "
+                             f"storage when > 0, got {num_seen!r}")
+        if len({(s.device, s.dim() > 0) for s in storage}) > 1:
+            raise ValueError("ReservoirBuffer.load_state_dict: every storage field must be on one device")
         device = self.device
         self.storage = [s.to(device) if device is not None else s.clone() for s in storage]
         self.num_seen = int(state["num_seen"])
@@ -99,14 +112,14 @@ class ReservoirBuffer:
 
 
 class DataBuffer:
-    """The seed notebook's buffer interface (``update_buffer(pairs)``, ``sample(n)``) on a
-    :class:`ReservoirBuffer`, keeping its items on the CPU like the seed and drawing from Python's ``random``
-    only to seed the buffer's generator."""
+    """The seed notebook's buffer interface (``update_buffer(pairs)``, ``sample(n)``, ``buffer``,
+    ``num_seen_examples``) on a :class:`ReservoirBuffer` on the CPU. It draws from Python's ``random`` exactly as the
+    seed does (one ``random.randint`` per item once the buffer is full, ``random.sample`` to sample), so under
+    the same ``random.seed`` it keeps and returns the same items, and leaves ``random`` in the same state."""
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
-        self._buffer = ReservoirBuffer(max_size, device="cpu",
-                                       generator=torch.Generator().manual_seed(random.getrandbits(62)))
+        self._buffer = ReservoirBuffer(max_size, device="cpu")
 
     @property
     def num_seen_examples(self) -> int:
@@ -119,11 +132,26 @@ class DataBuffer:
     def update_buffer(self, new_data: Sequence[Tuple[Tensor, Tensor]]) -> None:
         """Add a list of ``(x, y)`` pairs (reservoir sampling, in one op for the whole list)."""
         pairs = list(new_data)
-        if pairs:
-            self._buffer.add(torch.stack([torch.as_tensor(x) for x, _ in pairs]),
-                             torch.stack([torch.as_tensor(y) for _, y in pairs]))
+        if not pairs:
+            return
+        xs = torch.stack([torch.as_tensor(x) for x, _ in pairs])
+        ys = torch.stack([torch.as_tensor(y) for _, y in pairs])
+        if self._buffer.storage:  # add()'s checks, before any draw
+            self._buffer.add(xs[:0], ys[:0])
+        seen = self._buffer.num_seen
+        # The seed's slot for item m >= max_size is random.randint(0, m); the op's is floor(draw * (m + 1)), which
+        # the draw (slot + 1/2) / (m + 1) gives back exactly.
+        draws = [(random.randint(0, m) + 0.5) / (m + 1) if m >= self.max_size else 0.0
+                 for m in range(seen, seen + len(pairs))]
+        self._buffer._add([xs, ys], torch.tensor(draws, dtype=torch.float64))
 
     def sample(self, n: int) -> Tuple[Tensor, Tensor]:
-        if not self._buffer.storage:
+        """``n`` items without replacement (``random.sample``), or all of them in buffer order when fewer are
+        stored; two empty tensors for an empty buffer."""
+        size = len(self._buffer)
+        if size == 0:
             return torch.Tensor(), torch.Tensor()
-        return self._buffer.sample(n)
+        if size < n:
+            return tuple(s[:size].clone() for s in self._buffer.storage)
+        index = torch.tensor(random.sample(range(size), n), dtype=torch.long)
+        return tuple(s.index_select(0, index) for s in self._buffer.storage)

@@ -29,15 +29,18 @@ def _check_si(si: Optional[SI]) -> Optional[SI]:
 
 
 class _SIOptimizer(Optimizer):
-    """Groups each step's parameters into lists for one op call per (SI-tracked, extra key) bucket."""
+    """Groups each step's parameters into lists for one op call per (SI-tracked, dtype, device, extra key) bucket,
+    and checks every parameter of every group before the first bucket is stepped, so a bad gradient raises with
+    nothing changed."""
 
     si: Optional[SI]
 
     def _buckets(self, group: dict, key: Callable[[dict], object]) -> Dict[tuple, Tuple[list, list, list, list]]:
-        """(tracked by SI, key(state)) -> (params, grads, omegas, states) for the params of ``group`` with grads.
-        One pass, one state lookup per parameter: this runs every step."""
+        """(tracked by SI, dtype, device, key(state)) -> (params, grads, omegas, states) for the params of
+        ``group`` with grads. One pass, one state lookup per parameter: this runs every step."""
         buckets: Dict[tuple, Tuple[list, list, list, list]] = {}
-        position = self.si._position if self.si is not None else {}
+        si = self.si
+        position = si._position if si is not None else {}
         all_states = self.state
         for p in group["params"]:
             grad = p.grad
@@ -45,18 +48,36 @@ class _SIOptimizer(Optimizer):
                 continue
             if grad.is_sparse:
                 raise RuntimeError("clfast.optim does not support sparse gradients")
+            if grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device:
+                raise RuntimeError(f"clfast.optim: a parameter of shape {list(p.shape)} ({p.dtype}, {p.device}) has a "
+                                   f".grad of shape {list(grad.shape)} ({grad.dtype}, {grad.device}); they must "
+                                   "match")
             state = all_states[p]
             k = position.get(id(p))
-            bucket_key = (k is not None, key(state))
+            if k is not None:
+                omega = si.omega[k]
+                if omega.shape != p.shape or omega.dtype != p.dtype or omega.device != p.device:
+                    raise RuntimeError(f"clfast.optim: the SI state of a parameter of shape {list(p.shape)} is "
+                                       f"{omega.dtype} on {omega.device} but the parameter is now {p.dtype} on "
+                                       f"{p.device}; create the SI object after moving or converting the model")
+            bucket_key = (k is not None, p.dtype, p.device, key(state))
             bucket = buckets.get(bucket_key)
             if bucket is None:
                 bucket = buckets[bucket_key] = ([], [], [], [])
             bucket[0].append(p)
             bucket[1].append(grad)
             if k is not None:
-                bucket[2].append(self.si.omega[k])
+                bucket[2].append(si.omega[k])
             bucket[3].append(state)
         return buckets
+
+    def _all_buckets(self, key_of: Callable[[dict], Callable[[dict], object]]):
+        """Every group's buckets, all checked before any is stepped."""
+        return [(group, self._buckets(group, key_of(group))) for group in self.param_groups]
+
+    def _mark_si(self, omegas: list) -> None:
+        if omegas and self.si is not None:
+            self.si._omega_live = True
 
 
 class SGD(_SIOptimizer):
@@ -89,19 +110,23 @@ class SGD(_SIOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        key_of = lambda group: (lambda state, m=group["momentum"] != 0:  # noqa: E731
+                                m and state.get("momentum_buffer") is None)
+        for group, buckets in self._all_buckets(key_of):
             use_momentum = group["momentum"] != 0
-            key = lambda state: use_momentum and state.get("momentum_buffer") is None  # noqa: E731
-            for (_, init), (params, grads, omegas, states) in self._buckets(group, key).items():
+            for (_, _, _, init), (params, grads, omegas, states) in buckets.items():
+                # New momentum buffers enter the state only once the step went through.
                 bufs: List[Tensor] = []
                 if use_momentum:
-                    for p, state in zip(params, states):
-                        if state.get("momentum_buffer") is None:
-                            state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
-                        bufs.append(state["momentum_buffer"])
+                    bufs = [torch.empty_like(p, memory_format=torch.preserve_format) if init
+                            else state["momentum_buffer"] for p, state in zip(params, states)]
                 _ops.sgd_si_step_(params, grads, bufs, omegas, lr=group["lr"], momentum=group["momentum"],
                                   dampening=group["dampening"], weight_decay=group["weight_decay"],
                                   nesterov=group["nesterov"], init_buffers=bool(init))
+                if use_momentum and init:
+                    for state, buf in zip(states, bufs):
+                        state["momentum_buffer"] = buf
+                self._mark_si(omegas)
         return loss
 
 
@@ -135,17 +160,22 @@ class Adam(_SIOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for group, buckets in self._all_buckets(lambda group: _adam_step_of):
             beta1, beta2 = group["betas"]
-            for (_, step), (params, grads, omegas, states) in self._buckets(group, _adam_step_of).items():
+            for (_, _, _, step), (params, grads, omegas, states) in buckets.items():
                 step += 1
-                for p, state in zip(params, states):
-                    if not state:
-                        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["step"] = step
-                _ops.adam_si_step_(params, grads, [state["exp_avg"] for state in states],
-                                   [state["exp_avg_sq"] for state in states], omegas, lr=group["lr"],
-                                   beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                # Moments and the step count enter the state only once the step went through.
+                fresh = [not state for state in states]
+                exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) if new else state["exp_avg"]
+                           for p, state, new in zip(params, states, fresh)]
+                exp_avg_sq = [torch.zeros_like(p, memory_format=torch.preserve_format) if new
+                              else state["exp_avg_sq"] for p, state, new in zip(params, states, fresh)]
+                _ops.adam_si_step_(params, grads, exp_avg, exp_avg_sq, omegas, lr=group["lr"], beta1=beta1,
+                                   beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                                    bias_correction1=1 - beta1 ** step, bias_correction2=1 - beta2 ** step)
+                for state, m, v, new in zip(states, exp_avg, exp_avg_sq, fresh):
+                    if new:
+                        state["exp_avg"], state["exp_avg_sq"] = m, v
+                    state["step"] = step
+                self._mark_si(omegas)
         return loss

@@ -219,6 +219,10 @@ class SI:
             self.omega = [torch.zeros_like(p) for p in self.params]
         self._pre: Optional[List[Tensor]] = None
         self._pre_valid = False
+        # What hypnettorch would hold: importances exist after the first consolidation, and the running estimate
+        # between an accumulation and the next consolidation (None, so absent from a state_dict, otherwise).
+        self._has_importance = False
+        self._omega_live = False
 
     # -- training step -----------------------------------------------------------------------------------
     def before_step(self) -> None:
@@ -244,12 +248,14 @@ class SI:
                                  f"parameter), got {len(ref)}")
         _ops.si_accumulate_(self.omega, self._detached(), ref, grads, delta_params is not None)
         self._pre_valid = False
+        self._omega_live = True
 
     def consolidate(self) -> None:
         """End of a task: fold the running estimate into the importances and checkpoint ``theta_prev``."""
         detached = self._detached()
         _check_finite("SI.consolidate", omega=self.omega, params=detached)
         _ops.si_consolidate_(self.importance, self.prev, self.omega, detached, self.epsilon)
+        self._has_importance, self._omega_live = True, False
 
     # -- regulariser ---------------------------------------------------------------------------------------
     def penalty(self) -> Tensor:
@@ -267,33 +273,45 @@ class SI:
         return si_buffer_names(self._index[k], self.params_name)
 
     def state_dict(self) -> Dict[str, Tensor]:
-        """SI's state under hypnettorch's buffer names, so it loads into a module trained with the
-        functional API (or hypnettorch) and back."""
+        """SI's state under hypnettorch's buffer names, holding the keys a module trained with hypnettorch's
+        functions holds at the same point: ``si_prev_theta_*`` always, ``si_omega_*`` after the first
+        :meth:`consolidate`, ``si_running_omega_*`` between an optimizer step and the next :meth:`consolidate`.
+        It loads with ``strict=True`` into such a module, and back."""
         out = {}
         for k in range(len(self.params)):
             omega_name, prev_name, running_name, _ = self._names(k)
-            out[omega_name], out[prev_name], out[running_name] = self.importance[k], self.prev[k], self.omega[k]
+            if self._has_importance:
+                out[omega_name] = self.importance[k]
+            out[prev_name] = self.prev[k]
+            if self._omega_live:
+                out[running_name] = self.omega[k]
         return out
 
     def load_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
-        """Load :meth:`state_dict` output or a module's state_dict holding SI buffers (other keys are
-        ignored). A missing running estimate means zero. Everything is checked before anything is copied."""
-        plan = []
+        """Load :meth:`state_dict` output or a module's state_dict holding SI buffers (other keys are ignored).
+        ``si_prev_theta_*`` is required; a missing importance or running estimate means zero (as hypnettorch's
+        None). Everything is checked before anything is copied."""
+        plan, present = [], {0: [], 2: []}
         for k, p in enumerate(self.params):
-            for name, dst in zip(self._names(k)[:3], (self.importance[k], self.prev[k], self.omega[k])):
+            names = self._names(k)
+            for slot, (name, dst) in enumerate(zip(names[:3], (self.importance[k], self.prev[k], self.omega[k]))):
                 src = state_dict.get(name)
                 if src is None:
-                    if name == self._names(k)[2]:
-                        plan.append((dst, None))
-                        continue
-                    raise KeyError(f"SI.load_state_dict: missing '{name}'")
+                    if slot == 1:
+                        raise KeyError(f"SI.load_state_dict: missing '{name}'")
+                    plan.append((dst, None))
+                    present[slot].append(False)
+                    continue
                 if not isinstance(src, Tensor) or src.shape != p.shape:
                     raise ValueError(f"SI.load_state_dict: '{name}' must be a tensor of shape {list(p.shape)}, "
                                      f"got {getattr(src, 'shape', type(src).__name__)}")
                 plan.append((dst, src))
+                if slot != 1:
+                    present[slot].append(True)
         with torch.no_grad():
             for dst, src in plan:
                 dst.zero_() if src is None else dst.copy_(src)
+        self._has_importance, self._omega_live = any(present[0]), any(present[2])
 
     # -- helpers ---------------------------------------------------------------------------------------------
     def _detached(self) -> List[Tensor]:

@@ -121,14 +121,15 @@ def test_optimizer_input_errors():
         clfast.optim.Adam(p, betas=(1.0, 0.9))
     with pytest.raises(TypeError, match="clfast.SI"):
         clfast.optim.SGD(p, lr=0.1, si=object())
-    opt = clfast.optim.SGD(p + [nn.Parameter(torch.randn(2).double())], lr=0.1)
-    for q in opt.param_groups[0]["params"]:
-        q.grad = torch.ones_like(q)
-    before = [q.detach().clone() for q in opt.param_groups[0]["params"]]
-    with pytest.raises(RuntimeError, match="share one dtype"):
+    # a gradient that does not match its parameter raises before any parameter of any bucket moves
+    q = [nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(2).double())]
+    opt = clfast.optim.SGD(q, lr=0.1, momentum=0.9)
+    q[0].grad, q[1].grad = torch.ones(3), torch.ones(2).double()
+    q[1].grad.data = torch.ones(2)  # torch only checks on assignment: .data swaps the dtype underneath
+    before = [t.detach().clone() for t in q]
+    with pytest.raises(RuntimeError, match="must match"):
         opt.step()
-    for q, b in zip(opt.param_groups[0]["params"], before):
-        assert torch.equal(q.detach(), b)
+    assert all(torch.equal(t.detach(), b) for t, b in zip(q, before)) and not opt.state_dict()["state"]
 
 
 def test_params_without_grad_are_skipped(backend):

@@ -35,3 +35,51 @@ def check_lists(op: str, *lists: Tuple[str, Sequence[Tensor]], optional: Sequenc
             if t.shape != ref[i].shape:
                 raise RuntimeError(f"clfast.{op}: {name}[{i}] has shape {list(t.shape)} but {ref_name}[{i}] has "
                                    f"shape {list(ref[i].shape)}")
+
+
+def _overlaps_itself(t: Tensor) -> bool:
+    if t.numel() <= 1:
+        return False
+    reach = 0
+    for stride, size in sorted((t.stride(d), t.shape[d]) for d in range(t.dim()) if t.shape[d] > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
+def _byte_range(t: Tensor) -> Tuple[int, int]:
+    extent = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+    lo = t.data_ptr()
+    return lo, lo + extent * t.element_size()
+
+
+def check_memory(op: str, *args: Tuple[str, Sequence[Tensor], bool]) -> None:
+    """The native fronts' check_memory (csrc/common/checks.h): written tensors must be writable and share no
+    memory with any other argument (their address ranges may not meet). ``args``: (name, tensors, written)."""
+    ranges = []
+    for name, tensors, written in args:
+        for i, t in enumerate(tensors):
+            if not isinstance(t, Tensor) or t.numel() == 0:
+                continue
+            if written:
+                if _overlaps_itself(t):
+                    raise RuntimeError(f"clfast.{op}: {name}[{i}] cannot be written: several of its elements share "
+                                       "memory (an expanded or stride-0 view); pass a tensor that owns its "
+                                       "elements, e.g. .clone()")
+                if t.is_inference() and not torch.is_inference_mode_enabled():
+                    raise RuntimeError(f"clfast.{op}: {name}[{i}] is an inference tensor; in-place updates to it are "
+                                       "only allowed inside InferenceMode")
+            lo, hi = _byte_range(t)
+            ranges.append((lo, hi, name, i, written))
+    ranges.sort(key=lambda r: r[0])
+    open_ = []
+    for r in ranges:
+        open_ = [o for o in open_ if o[1] > r[0]]
+        for o in open_:
+            if not (o[4] or r[4]):
+                continue
+            what = "two outputs" if (o[4] and r[4]) else "an output and an input"
+            raise RuntimeError(f"clfast.{op}: {o[2]}[{o[3]}] and {r[2]}[{r[3]}] share memory; {what} of this op must "
+                               "not overlap (pass separate tensors, e.g. .clone())")
+        open_.append(r)

@@ -8,7 +8,7 @@ from typing import List
 import torch
 from torch import Tensor
 
-from ._checks import check_lists
+from ._checks import check_lists, check_memory
 
 
 @torch.no_grad()
@@ -19,6 +19,9 @@ def sgd_si_step_(params: List[Tensor], grads: List[Tensor], momentum_buffers: Li
                 ("omega", omega), optional=("momentum_buffers", "omega"))
     if momentum != 0 and not momentum_buffers:
         raise RuntimeError("clfast.sgd_si_step_: momentum != 0 needs one momentum buffer per parameter")
+    check_memory("sgd_si_step_", ("params", params, True),
+                 ("momentum_buffers", momentum_buffers if momentum != 0 else [], True), ("omega", omega, True),
+                 ("grads", grads, False))
     for i, (p, g) in enumerate(zip(params, grads)):
         old = p.clone() if omega else None
         d_p = g.add(p, alpha=weight_decay) if weight_decay != 0 else g
@@ -40,6 +43,12 @@ def adam_si_step_(params: List[Tensor], grads: List[Tensor], exp_avg: List[Tenso
                   bias_correction1: float, bias_correction2: float) -> None:
     check_lists("adam_si_step_", ("params", params), ("grads", grads), ("exp_avg", exp_avg),
                 ("exp_avg_sq", exp_avg_sq), ("omega", omega), optional=("omega",))
+    for name, value in (("bias_correction1", bias_correction1), ("bias_correction2", bias_correction2)):
+        if not 0 < value <= 1:
+            raise RuntimeError(f"clfast.adam_si_step_: {name} must be 1 - beta{name[-1]}^step, in (0, 1], got "
+                               f"{value:g}")
+    check_memory("adam_si_step_", ("params", params, True), ("exp_avg", exp_avg, True),
+                 ("exp_avg_sq", exp_avg_sq, True), ("omega", omega, True), ("grads", grads, False))
     step_size = lr / bias_correction1
     bias_correction2_sqrt = math.sqrt(bias_correction2)
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avg, exp_avg_sq)):

@@ -1,7 +1,7 @@
 // Validation shared by every op front: each op checks all its arguments once, before anything is written, with
 // a message that names the op, the argument, the index and what was expected.
 #pragma once
-#include <ATen/MemoryOverlap.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
@@ -70,9 +70,9 @@ struct Access {
 
 // Every written tensor can be written (it does not overlap itself; not an inference tensor outside inference
 // mode), and shares no memory with any other argument: an output that aliases an input or another output would
-// make the fused result depend on the order of the element loops and threads. Byte ranges are compared after a
-// sort, so the check is O(n log n) in the number of tensors; ranges that meet are resolved exactly where ATen can
-// tell (interleaved strided views of one buffer are refused).
+// make the fused result depend on the order of the element loops and threads. Address ranges are compared after
+// a sort, so the check is O(n log n) in the number of tensors; ranges that meet are refused, which also refuses
+// interleaved strided views of one buffer.
 inline void check_memory(const char* op, std::initializer_list<Access> args) {
   struct Range {
     uintptr_t lo, hi;
@@ -96,15 +96,12 @@ inline void check_memory(const char* op, std::initializer_list<Access> args) {
       const auto lo = reinterpret_cast<uintptr_t>(t.data_ptr());
       ranges.push_back({lo, lo + static_cast<uintptr_t>(extent) * t.element_size(), &a, i});
     }
-  std::sort(ranges.begin(), ranges.end(), [](const Range& x, const Range& y) { return x.lo < y.lo; });
+  std::stable_sort(ranges.begin(), ranges.end(), [](const Range& x, const Range& y) { return x.lo < y.lo; });
   std::vector<const Range*> open;
   for (const Range& r : ranges) {
     open.erase(std::remove_if(open.begin(), open.end(), [&](const Range* o) { return o->hi <= r.lo; }), open.end());
     for (const Range* o : open) {
       if (!o->arg->written && !r.arg->written) continue;
-      const at::Tensor &x = o->arg->tensors[o->index], &y = r.arg->tensors[r.index];
-      const bool dense = x.is_non_overlapping_and_dense() && y.is_non_overlapping_and_dense();
-      if (!dense && at::get_overlap_status(x, y) == at::MemOverlapStatus::No) continue;
       const std::string what = (o->arg->written && r.arg->written) ? "two outputs" : "an output and an input";
       TORCH_CHECK(false, "clfast.", op, ": ", o->arg->name, "[", o->index, "] and ", r.arg->name, "[", r.index,
                   "] share memory; ", what, " of this op must not overlap (pass separate tensors, e.g. .clone())");
@@ -133,6 +130,7 @@ struct ContigList {
     for (const at::Tensor& t : orig) work.push_back(t.contiguous());
   }
   void finish() {
+    const at::AutoDispatchBelowADInplaceOrView below;  // the front bumps each version once, as ATen does
     for (size_t i = 0; i < orig.size(); ++i)
       if (!orig[i].is_same(work[i])) orig[i].copy_(work[i]);
   }

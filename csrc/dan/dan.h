@@ -53,21 +53,26 @@ inline Dims check_layer(const at::Tensor& x, const at::Tensor& g1, const at::Ten
                         const at::Tensor& W2, const std::optional<at::Tensor>& c2, const at::Tensor& W3,
                         const std::optional<at::Tensor>& c3, const std::optional<at::Tensor>& rm1,
                         const std::optional<at::Tensor>& rv1, const std::optional<at::Tensor>& rm2,
-                        const std::optional<at::Tensor>& rv2, int64_t act) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "clfast.dan_layer: expected a float32 or float64 input, got ", x.scalar_type());
-  TORCH_CHECK(W1.dim() == 3 && W3.dim() == 3, "clfast.dan_layer: weight1 must be [N, nf, ni] and weight3 [N, no, nf]",
-              ", got ", W1.sizes(), " and ", W3.sizes());
-  Dims d{W1.size(0), W1.size(1), W1.size(2), W3.size(1), 0, x.dim() == 3};
+                        const std::optional<at::Tensor>& rv2, int64_t act, double eps) {
+  TORCH_CHECK(x.defined() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+              "clfast.dan_layer: expected a float32 or float64 input, got ",
+              x.defined() ? c10::toString(x.scalar_type()) : "None");
+  // The layer's sizes come from the BatchNorm parameters (N, ni from bn1_weight, nf from bn2_weight) and the
+  // output Linear (no): every other argument is then checked against them, so a wrong one is named.
+  TORCH_CHECK(g1.defined() && g1.dim() == 2 && g2.defined() && g2.dim() == 2 && W3.defined() && W3.dim() == 3,
+              "clfast.dan_layer: bn1_weight must be [N, ni], bn2_weight [N, nf] and weight3 [N, no, nf], got ",
+              g1.defined() ? g1.sizes() : at::IntArrayRef{}, ", ", g2.defined() ? g2.sizes() : at::IntArrayRef{},
+              " and ", W3.defined() ? W3.sizes() : at::IntArrayRef{});
+  Dims d{g1.size(0), g2.size(1), g1.size(1), W3.size(1), 0, x.dim() == 3};
+  TORCH_CHECK(d.N > 0 && d.nf > 0 && d.ni > 0 && d.no > 0, "clfast.dan_layer: empty layer (N=", d.N, ", nf=", d.nf,
+              ", ni=", d.ni, ", no=", d.no, ")");
+  check_param("bn1_bias", b1, {d.N, d.ni}, x);
+  check_param("weight1", W1, {d.N, d.nf, d.ni}, x);
   TORCH_CHECK((x.dim() == 2 && x.size(1) == d.ni) || (x.dim() == 3 && x.size(0) == d.N && x.size(2) == d.ni),
               "clfast.dan_layer: expected an input [B, ", d.ni, "] or [", d.N, ", B, ", d.ni, "], got ", x.sizes());
   d.B = x.size(-2);
-  TORCH_CHECK(d.N > 0 && d.nf > 0 && d.ni > 0 && d.no > 0, "clfast.dan_layer: empty layer (N=", d.N, ", nf=", d.nf,
-              ", ni=", d.ni, ", no=", d.no, ")");
   TORCH_CHECK(act >= 0 && act < kNumActs, "clfast.dan_layer: unknown activation code ", act);
   check_param("bn1_weight", g1, {d.N, d.ni}, x);
-  check_param("bn1_bias", b1, {d.N, d.ni}, x);
-  check_param("weight1", W1, {d.N, d.nf, d.ni}, x);
   check_optional("bias1", c1, {d.N, d.nf}, x);
   check_param("bn2_weight", g2, {d.N, d.nf}, x);
   check_param("bn2_bias", b2, {d.N, d.nf}, x);
@@ -82,6 +87,9 @@ inline Dims check_layer(const at::Tensor& x, const at::Tensor& g1, const at::Ten
   check_optional("running_var1", rv1, {d.N, d.ni}, x);
   check_optional("running_mean2", rm2, {d.N, d.nf}, x);
   check_optional("running_var2", rv2, {d.N, d.nf}, x);
+  // torch's BatchNorm: a positive eps in train mode, a non-negative one in eval mode.
+  TORCH_CHECK_VALUE(eval || eps > 0, "batch_norm eps must be positive during training, but got ", eps);
+  TORCH_CHECK_VALUE(eps >= 0, "batch_norm eps must be non-negative, but got ", eps);
   TORCH_CHECK(eval || d.B > 1, "clfast.dan_layer: expected more than 1 value per channel when training, got a batch "
               "of ", d.B);
   return d;
@@ -149,7 +157,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dan_layer_forward_impl(
     const std::optional<at::Tensor>& rm1_, const std::optional<at::Tensor>& rv1_,
     const std::optional<at::Tensor>& rm2_, const std::optional<at::Tensor>& rv2_, double eps, int64_t act) {
   using namespace dan_detail;
-  const Dims d = check_layer(x_, g1_, b1_, W1_, c1_, g2_, b2_, W2_, c2_, W3_, c3_, rm1_, rv1_, rm2_, rv2_, act);
+  const Dims d = check_layer(x_, g1_, b1_, W1_, c1_, g2_, b2_, W2_, c2_, W3_, c3_, rm1_, rv1_, rm2_, rv2_, act, eps);
   const bool training = !present(rm1_);
   const int64_t N = d.N, nf = d.nf, ni = d.ni, B = d.B, G1 = d.G1();
   const at::Tensor x = contig(x_), W1 = contig(W1_), W2 = contig(W2_), W3 = contig(W3_);
@@ -203,7 +211,7 @@ std::vector<at::Tensor> dan_layer_backward_impl(
     int64_t act, bool input_grad) {
   using namespace dan_detail;
   const Dims d = check_layer(x_, g1_, b1_, W1_, std::nullopt, g2_, b2_, W2_, std::nullopt, W3_, std::nullopt, rm1_,
-                             rv1_, rm2_, rv2_, act);
+                             rv1_, rm2_, rv2_, act, eps);
   TORCH_CHECK(saved.size() == 11, "clfast.dan_layer_backward: expected the 11 tensors saved by the forward, got ",
               saved.size());
   const int64_t N = d.N, nf = d.nf, ni = d.ni, no = d.no, B = d.B, G1 = d.G1();
