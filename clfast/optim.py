@@ -52,7 +52,9 @@ class _SIOptimizer(Optimizer):
                 raise RuntimeError(f"clfast.optim: a parameter of shape {list(p.shape)} ({p.dtype}, {p.device}) has a "
                                    f".grad of shape {list(grad.shape)} ({grad.dtype}, {grad.device}); they must "
                                    "match")
-            state = all_states[p]
+            state = all_states.get(p)
+            if state is None:  # entered into self.state by _commit, once the step went through
+                state = {}
             k = position.get(id(p))
             if k is not None:
                 omega = si.omega[k]
@@ -75,7 +77,10 @@ class _SIOptimizer(Optimizer):
         """Every group's buckets, all checked before any is stepped."""
         return [(group, self._buckets(group, key_of(group))) for group in self.param_groups]
 
-    def _mark_si(self, omegas: list) -> None:
+    def _commit(self, params: list, states: list, omegas: list) -> None:
+        for p, state in zip(params, states):
+            if p not in self.state:
+                self.state[p] = state
         if omegas and self.si is not None:
             self.si._omega_live = True
 
@@ -126,7 +131,7 @@ class SGD(_SIOptimizer):
                 if use_momentum and init:
                     for state, buf in zip(states, bufs):
                         state["momentum_buffer"] = buf
-                self._mark_si(omegas)
+                self._commit(params, states, omegas)
         return loss
 
 
@@ -177,5 +182,5 @@ class Adam(_SIOptimizer):
                     if new:
                         state["exp_avg"], state["exp_avg_sq"] = m, v
                     state["step"] = step
-                self._mark_si(omegas)
+                self._commit(params, states, omegas)
         return loss
