@@ -138,10 +138,11 @@ def adam_si_step_(
 
 
 def cbp_update_(utility: List[Tensor], mean: List[Tensor], age: List[Tensor], features: List[Tensor],
-                w_next: List[Tensor], w_cur: List[Tensor], decay: float, utility_type: int) -> None:
-    """Per layer and unit: age, running activation mean and utility EMA (see csrc/ops.cpp)."""
+                w_next: List[Tensor], w_cur: List[Tensor], decay: float, utility_type: str) -> None:
+    """Per layer and unit: age, running activation mean and utility EMA (see csrc/ops.cpp); ``utility_type`` is
+    ``"contribution"``, ``"zero_contribution"`` or ``"adaptable_contribution"``."""
     if utility:
-        _op("cbp_update_")(utility, mean, age, features, w_next, w_cur, float(decay), int(utility_type))
+        _op("cbp_update_")(utility, mean, age, features, w_next, w_cur, float(decay), str(utility_type))
 
 
 def cbp_replace_(w_cur: Tensor, b_cur: Optional[Tensor], w_next: Tensor, b_next: Optional[Tensor],

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from . import _ops
-from .reference.cbp import UTILITIES
+
+UTILITIES = ("contribution", "zero_contribution", "adaptable_contribution")
 
 __all__ = ["CBP"]
 
@@ -208,29 +209,35 @@ class CBP:
         feats = [source[L.name].detach().to(dtype) for L in self._layers]
         _ops.cbp_update_(self.utilities, self.means, self.ages, feats, [L.next.weight.detach() for L in self._layers],
                          [L.layer.weight.detach() for L in self._layers], self.utility_decay_rate,
-                         UTILITIES.index(self.utility))
+                         self.utility)
         self._captured = {}
-        self.steps += 1
-        for k, L in enumerate(self._layers):
-            count = self._count(L)
+        steps = self.steps + 1
+        # Counts first, bookkeeping after the replacements: a failed call leaves the host state as it was.
+        plans = [self._count(L, steps) for L in self._layers]
+        for k, (L, (count, _, _)) in enumerate(zip(self._layers, plans)):
             if count:
                 self._replace(k, L, count)
-                L.accumulated -= count  # bookkept only once the replacement went through
-                L.recent.append((self.steps, count))
+        self.steps = steps
+        for L, (count, accumulated, recent) in zip(self._layers, plans):
+            L.accumulated, L.recent = accumulated - count, recent
+            if count:
+                L.recent.append((steps, count))
                 L.replaced += count
 
-    def _count(self, L: _Layer) -> int:
-        """Units to replace now: eligible units are those not replaced in the last maturity_threshold steps."""
-        t, mt = self.steps, self.maturity_threshold
-        while L.recent and L.recent[0][0] < t - mt:
-            L.recent.popleft()
+    def _count(self, L: _Layer, t: int) -> Tuple[int, float, deque]:
+        """Units to replace at step ``t``, with the layer's new accumulator and recent-replacement window (not yet
+        stored): eligible units are those not replaced in the last maturity_threshold steps."""
+        mt = self.maturity_threshold
+        recent = deque(L.recent)
+        while recent and recent[0][0] < t - mt:
+            recent.popleft()
         if t <= mt:
-            return 0
-        eligible = L.units - sum(c for _, c in L.recent)
+            return 0, L.accumulated, recent
+        eligible = L.units - sum(c for _, c in recent)
         if eligible <= 0:
-            return 0
-        L.accumulated += self.replacement_rate * eligible
-        return min(int(L.accumulated), eligible)
+            return 0, L.accumulated, recent
+        accumulated = L.accumulated + self.replacement_rate * eligible
+        return min(int(accumulated), eligible), accumulated, recent
 
     def _replace(self, k: int, L: _Layer, count: int) -> None:
         u, m, a = self.utilities[k], self.means[k], self.ages[k]

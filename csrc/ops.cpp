@@ -1,4 +1,5 @@
-// Every clfast schema, in one place. Backends register implementations in csrc/cpu and csrc/cuda.
+// Every clfast schema, in one place. Each op family's front (csrc/<family>/<family>.cpp) implements its ops for
+// every backend and launches the kernels of the tensors' device.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -9,7 +10,7 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(clfast, m) {
-  // ---- Synaptic Intelligence (csrc/*/si.*, clfast/reference/si.py) ----
+  // ---- Synaptic Intelligence (csrc/si/, clfast/reference/si.py) ----
   // omega += (params - ref) * (-grads), or omega += ref * (-grads) when ref_is_delta.
   m.def("si_accumulate_(Tensor(a!)[] omega, Tensor[] params, Tensor[] ref, Tensor[] grads, bool ref_is_delta) -> ()");
   // importance += clamp(omega / ((params - prev)^2 + epsilon), min=0); prev = params; omega = 0.
@@ -21,7 +22,7 @@ TORCH_LIBRARY(clfast, m) {
   // grads += scale * 2 * importance * (params - prev), without an autograd graph.
   m.def("si_penalty_grad_(Tensor(a!)[] grads, Tensor[] importance, Tensor[] prev, Tensor[] params, float scale) -> ()");
 
-  // ---- Fused optimizer steps with SI accumulation (csrc/*/optim.*, clfast/reference/optim.py) ----
+  // ---- Fused optimizer steps with SI accumulation (csrc/optim/, clfast/reference/optim.py) ----
   // torch.optim.SGD's update; when omega is non-empty also omega += (new - old) * (-grads).
   m.def("sgd_si_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] omega, "
         "float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool init_buffers) -> ()");
@@ -30,12 +31,12 @@ TORCH_LIBRARY(clfast, m) {
         "Tensor(d!)[] omega, float lr, float beta1, float beta2, float eps, float weight_decay, "
         "float bias_correction1, float bias_correction2) -> ()");
 
-  // ---- Continual Backpropagation (csrc/*/cbp.*, clfast/reference/cbp.py) ----
+  // ---- Continual Backpropagation (csrc/cbp/, clfast/reference/cbp.py) ----
   // Per layer l, unit i: age += 1; mean = d*mean + (1-d)*avg(h); utility = d*utility + (1-d)*new, with new from
-  // utility_type (0 contribution, 1 zero_contribution, 2 adaptable_contribution). features [B, n, ...];
+  // utility_type ('contribution', 'zero_contribution' or 'adaptable_contribution'). features [B, n, ...];
   // w_next [rows, n * group] (Linear / Conv2d / flattened Conv2d); w_cur [n, fan_in].
   m.def("cbp_update_(Tensor(a!)[] utility, Tensor(b!)[] mean, Tensor(c!)[] age, Tensor[] features, "
-        "Tensor[] w_next, Tensor[] w_cur, float decay, int utility_type) -> ()");
+        "Tensor[] w_next, Tensor[] w_cur, float decay, str utility_type) -> ()");
   // Replaces k = new_weights.size(0) units of one layer: the k lowest bias-corrected utilities
   // utility / (1 - decay^age) among units with age > maturity_threshold (ties: lower index first; ineligible units
   // rank last). For each chosen i: b_next += W_next[:, i] . m_hat_i; W_next[:, i] = 0; W_cur[i] = new_weights[j];
@@ -44,13 +45,14 @@ TORCH_LIBRARY(clfast, m) {
         "Tensor(e!) utility, Tensor(f!) mean, Tensor(g!) age, Tensor new_weights, float decay, "
         "int maturity_threshold) -> Tensor");
 
-  // ---- Reservoir replay buffer (csrc/*/buffer.*, clfast/reference/buffer.py) ----
+  // ---- Reservoir replay buffer (csrc/reservoir/, clfast/reference/buffer.py) ----
   // Algorithm R for a whole batch: item j (global index m = num_seen + j) goes to slot m while m < capacity, else
   // to slot floor(draws[j] * (m + 1)) when that is < capacity; a later item wins a slot taken twice in the batch.
+  // A draw outside [0, 1) (or NaN) selects no slot.
   // storage[f] [capacity, ...] and batch[f] [B, ...] per field f (any dtype); draws [B] float64 in [0, 1).
   m.def("reservoir_add_(Tensor(a!)[] storage, Tensor[] batch, Tensor draws, int num_seen) -> ()");
 
-  // ---- EWC quadratic forms (csrc/ewc.cpp, clfast/reference/ewc.py) ----
+  // ---- EWC quadratic forms (csrc/kron/, clfast/reference/ewc.py) ----
   // sum_i <g_i v_i a_i, v_i> for symmetric factors: KFAC blocks (g [out, out], v [out, in(+1)], a [in(+1), in(+1)])
   // and dense Fishers (g = F, v = delta [P, 1], a = [[1]]); also returns the products g_i v_i a_i (half the
   // gradient, kept for the backward).

@@ -32,7 +32,7 @@ def _state(n, device, dtype, seed):
 @needs_native
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("utility_type", [0, 1, 2])
+@pytest.mark.parametrize("utility_type", ["contribution", "zero_contribution", "adaptable_contribution"])
 def test_cbp_update_matches_reference(device, dtype, utility_type):
     feats, w_next, w_cur, states = [], [], [], []
     for k, (hs, wns, wcs) in enumerate(CASES.values()):
@@ -96,7 +96,7 @@ def test_selection_takes_the_lowest_mature_utilities(backend):
 def test_empty_layers_are_rejected(backend):
     with pytest.raises(RuntimeError, match="non-empty|at least one unit"):
         clfast._ops.cbp_update_([torch.zeros(4)], [torch.zeros(4)], [torch.zeros(4)], [torch.zeros(3, 4, 0)],
-                                [torch.zeros(2, 4)], [torch.zeros(4, 3)], 0.9, 0)
+                                [torch.zeros(2, 4)], [torch.zeros(4, 3)], 0.9, "contribution")
 
 
 def test_bias_correction_keeps_the_next_layers_mean_output(backend):
@@ -255,7 +255,7 @@ def test_opcheck_cbp_ops():
     feats, w_next, w_cur = _rand((6, 5), "cpu", torch.float32, 1), _rand((3, 5), "cpu", torch.float32, 2), \
         _rand((5, 4), "cpu", torch.float32, 3)
     u, m, a = _state(5, "cpu", torch.float32, 4)
-    torch.library.opcheck(torch.ops.clfast.cbp_update_, ([u], [m], [a], [feats], [w_next], [w_cur], 0.9, 1))
+    torch.library.opcheck(torch.ops.clfast.cbp_update_, ([u], [m], [a], [feats], [w_next], [w_cur], 0.9, "zero_contribution"))
     torch.library.opcheck(torch.ops.clfast.cbp_replace_,
                           (w_cur, _rand((5,), "cpu", torch.float32, 5), w_next, _rand((3,), "cpu", torch.float32, 6),
                            u, m, a, _rand((2, 4), "cpu", torch.float32, 7), 0.9, 3))

@@ -3,7 +3,6 @@
 // selection of the lowest-utility mature units and their re-initialisation, in one call.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -11,15 +10,14 @@
 #include <utility>
 #include <vector>
 
-#include "../common/checks.h"
+#include "../common/launch.h"
+#include "../math/cbp.h"
 #include "cbp.h"
 
 namespace clfast::cpu {
 namespace {
 
 constexpr int64_t kParts = 16;  // fixed row partitions: deterministic sums
-
-enum ColumnOp { kValue, kAbs, kAbsCentered };
 
 // out[j] = sum_r op(x[r, j]) for a row-major [rows, cols] matrix (kAbsCentered: |x[r, j] - center[j]|).
 // Rows are split into kParts partitions accumulated in scalar_t lanes (vectorised), then added in double.
@@ -55,14 +53,12 @@ std::vector<double> group_sums(const std::vector<double>& v, int64_t n, int64_t 
   return out;
 }
 
-void cbp_update_(at::TensorList utility, at::TensorList mean, at::TensorList age, at::TensorList features,
-                 at::TensorList w_next, at::TensorList w_cur, double decay, int64_t utility_type) {
-  const auto layers = check_cbp_update("cbp_update_", c10::DeviceType::CPU, utility, mean, age, features, w_next,
-                                       w_cur, utility_type);
-  for (size_t l = 0; l < layers.size(); ++l) {
-    const CbpLayer& L = layers[l];
-    const at::Tensor h = features[l].contiguous(), wn = w_next[l].contiguous();
-    at::Tensor u = utility[l], m = mean[l], a = age[l];
+void launch_cbp_update(const CbpUpdate& args) {
+  const double decay = args.decay;
+  const CbpUtility utility_type = args.utility;
+  for (const CbpUpdateLayer& L : args.layers) {
+    const at::Tensor &h = L.features, &wn = L.w_next;
+    const at::Tensor &u = L.utility, &m = L.mean, &a = L.age;
     AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "cbp_update_", [&] {
       using T = scalar_t;
       const T eta = static_cast<T>(decay);
@@ -76,7 +72,7 @@ void cbp_update_(at::TensorList utility, at::TensorList mean, at::TensorList age
       for (int64_t i = 0; i < n; ++i) {
         ap[i] += T(1);
         mp[i] = eta * mp[i] + (T(1) - eta) * static_cast<T>(h_sum[i] / count);
-        m_hat[i] = mp[i] / (T(1) - std::pow(eta, ap[i]));
+        m_hat[i] = cbp_unbiased(mp[i], eta, ap[i]);
       }
       std::vector<double> act;  // mean over batch and space of |h| or |h - m_hat|
       if (utility_type == kContribution) {
@@ -88,7 +84,7 @@ void cbp_update_(at::TensorList utility, at::TensorList mean, at::TensorList age
       }
       std::vector<double> in_mag(n, 1.0);
       if (utility_type == kAdaptableContribution) {
-        const at::Tensor wc = w_cur[l].contiguous();
+        const at::Tensor& wc = L.w_cur;
         const T* w = wc.data_ptr<T>();
         const int64_t K = wc.numel() / n;
         at::parallel_for(0, n, 16, [&](int64_t lo, int64_t hi) {
@@ -112,9 +108,9 @@ template <typename T>
 std::vector<int64_t> select_units(const T* u, const T* age, int64_t n, int64_t k, T eta, double maturity) {
   std::vector<std::pair<bool, T>> key(n);
   for (int64_t i = 0; i < n; ++i) {
-    const bool mature = static_cast<double>(age[i]) > maturity;
-    const T score = mature ? u[i] / (T(1) - std::pow(eta, age[i])) : T(0);
-    key[i] = {!mature, std::isnan(score) ? std::numeric_limits<T>::infinity() : score};  // NaN ranks last
+    bool immature;
+    const T score = cbp_score(u[i], age[i], eta, maturity, immature);
+    key[i] = {immature, score};
   }
   std::vector<int64_t> order(n);
   for (int64_t i = 0; i < n; ++i) order[i] = i;
@@ -124,17 +120,13 @@ std::vector<int64_t> select_units(const T* u, const T* age, int64_t n, int64_t k
   return order;
 }
 
-at::Tensor cbp_replace_(const at::Tensor& w_cur, const std::optional<at::Tensor>& b_cur, const at::Tensor& w_next,
-                        const std::optional<at::Tensor>& b_next, const at::Tensor& utility, const at::Tensor& mean,
-                        const at::Tensor& age, const at::Tensor& new_weights, double decay,
-                        int64_t maturity_threshold) {
-  const CbpReplace R = check_cbp_replace("cbp_replace_", c10::DeviceType::CPU, w_cur, b_cur, w_next, b_next,
-                                         utility, mean, age, new_weights);
-  const int64_t k = new_weights.size(0);
-  at::Tensor index = utility.new_empty({k}, utility.options().dtype(at::kLong));
-  if (k == 0) return index;
-  const at::Tensor nw = new_weights.contiguous();
-  int64_t* ix = index.data_ptr<int64_t>();
+void launch_cbp_replace(const CbpReplace& R) {
+  const at::Tensor &w_cur = R.w_cur, &w_next = R.w_next, &utility = R.utility, &mean = R.mean, &age = R.age;
+  const double decay = R.decay;
+  const int64_t maturity_threshold = R.maturity_threshold;
+  const int64_t k = R.new_weights.size(0);
+  const at::Tensor& nw = R.new_weights;
+  int64_t* ix = R.index.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(w_cur.scalar_type(), "cbp_replace_", [&] {
     using T = scalar_t;
     const T eta = static_cast<T>(decay);
@@ -143,11 +135,11 @@ at::Tensor cbp_replace_(const at::Tensor& w_cur, const std::optional<at::Tensor>
     std::vector<T> m_hat(k);
     for (int64_t j = 0; j < k; ++j) {
       ix[j] = chosen[j];
-      m_hat[j] = mm[ix[j]] / (T(1) - std::pow(eta, aa[ix[j]]));
+      m_hat[j] = cbp_unbiased(mm[ix[j]], eta, aa[ix[j]]);
     }
     // Outgoing weights: the next layer's bias absorbs the unit's mean contribution, then the weights go to 0.
     T* wn = w_next.data_ptr<T>();
-    T* bn = b_next.has_value() ? b_next->data_ptr<T>() : nullptr;
+    T* bn = R.b_next.defined() ? R.b_next.data_ptr<T>() : nullptr;
     const int64_t rows = w_next.size(0), G = R.group, cols = w_next.numel() / rows;
     at::parallel_for(0, rows, 64, [&](int64_t lo, int64_t hi) {
       for (int64_t o = lo; o < hi; ++o) {
@@ -163,7 +155,7 @@ at::Tensor cbp_replace_(const at::Tensor& w_cur, const std::optional<at::Tensor>
     });
     // Incoming weights from the caller's draws, incoming bias 0, statistics reset.
     T* wc = w_cur.data_ptr<T>();
-    T* bc = b_cur.has_value() ? b_cur->data_ptr<T>() : nullptr;
+    T* bc = R.b_cur.defined() ? R.b_cur.data_ptr<T>() : nullptr;
     const T* src = nw.data_ptr<T>();
     const int64_t K = R.fan_in;
     for (int64_t j = 0; j < k; ++j) {
@@ -173,14 +165,11 @@ at::Tensor cbp_replace_(const at::Tensor& w_cur, const std::optional<at::Tensor>
       up[i] = mm[i] = aa[i] = T(0);
     }
   });
-  return index;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(clfast, CPU, m) {
-  m.impl("cbp_update_", &cbp_update_);
-  m.impl("cbp_replace_", &cbp_replace_);
-}
+CLFAST_REGISTER_LAUNCHER(CbpUpdate, cpu, &launch_cbp_update);
+CLFAST_REGISTER_LAUNCHER(CbpReplace, cpu, &launch_cbp_replace);
 
 }  // namespace clfast::cpu
