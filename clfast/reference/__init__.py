@@ -25,6 +25,6 @@ __all__ += ["reservoir_add_"]
 from .ewc import kron_mv, kron_quadratic  # noqa: E402
 
 __all__ += ["kron_quadratic", "kron_mv"]
-from .dan import dan_layer  # noqa: E402
+from .dan import dan_bn_update_, dan_layer  # noqa: E402
 
-__all__ += ["dan_layer"]
+__all__ += ["dan_layer", "dan_bn_update_"]

@@ -138,3 +138,49 @@ def dan_layer(x: Tensor, bn1_weight: Tensor, bn1_bias: Tensor, weight1: Tensor, 
                 if t is not None:
                     t.copy_(w)
     return y.transpose(0, 1).reshape(y.shape[1], y.shape[0] * y.shape[2])
+
+
+@torch.no_grad()
+def dan_bn_update_(running_mean1: Tensor, running_var1: Tensor, num_batches1: Tensor, running_mean2: Tensor,
+                   running_var2: Tensor, num_batches2: Tensor, mean1: Tensor, var1: Tensor, mean2: Tensor,
+                   var2: Tensor, momentum: float, batch: int) -> None:
+    """nn.BatchNorm1d's running-statistics update of both BatchNorms of a layer (running [N, C], counters [N];
+    batch statistics of C or N * C values, biased variance), with the native front's checks
+    (csrc/dan/dan.h: check_bn_update), both BatchNorms checked before either is written."""
+    op = "clfast.dan_bn_update_"
+    if batch <= 1:
+        raise RuntimeError(f"{op}: expected a batch of more than 1, got {batch}")
+    device = running_mean1.device
+    groups = [("first", running_mean1, running_var1, num_batches1, mean1, var1),
+              ("second", running_mean2, running_var2, num_batches2, mean2, var2)]
+    for which, rm, rv, nb, mean, var in groups:
+        for t in (rm, rv, nb, mean, var):
+            if not isinstance(t, Tensor):
+                raise RuntimeError(f"{op}: undefined tensor ({which} BatchNorm)")
+            if t.device != device:
+                raise RuntimeError(f"{op}: {which} BatchNorm's statistics are on {t.device} but running_mean1 is on "
+                                   f"{device}")
+        if rm.dim() != 2 or rv.shape != rm.shape or nb.dim() != 1 or nb.shape[0] != rm.shape[0]:
+            raise RuntimeError(f"{op}: {which} running statistics must be [N, C] with counters [N], got "
+                               f"{list(rm.shape)}, {list(rv.shape)}, {list(nb.shape)}")
+        c = rm.shape[1]
+        if mean.numel() != var.numel() or c == 0 or mean.numel() % c or mean.numel() not in (c, rm.numel()):
+            raise RuntimeError(f"{op}: {which} batch statistics must hold C or N * C values, got {mean.numel()}")
+        if not all(t.is_contiguous() for t in (rm, rv, nb, mean, var)):
+            raise RuntimeError(f"{op}: expected contiguous tensors ({which} BatchNorm)")
+        if (rm.dtype not in (torch.float32, torch.float64) or not rv.dtype == mean.dtype == var.dtype == rm.dtype
+                or nb.dtype != torch.long):
+            raise RuntimeError(f"{op}: expected running and batch statistics of one dtype, float32 or float64, and "
+                               f"int64 counters ({which} BatchNorm), got {rm.dtype}, {rv.dtype}, {mean.dtype}, "
+                               f"{var.dtype}, {nb.dtype}")
+    from ._checks import check_memory
+    check_memory("dan_bn_update_", *[(n, [t], True) for n, t in (
+        ("running_mean1", running_mean1), ("running_var1", running_var1), ("num_batches1", num_batches1),
+        ("running_mean2", running_mean2), ("running_var2", running_var2), ("num_batches2", num_batches2))],
+        *[(n, [t], False) for n, t in (("mean1", mean1), ("var1", var1), ("mean2", mean2), ("var2", var2))])
+    unbias = batch / (batch - 1)
+    for _, rm, rv, nb, mean, var in groups:
+        c = rm.shape[1]
+        rm.mul_(1 - momentum).add_(mean.view(-1, c), alpha=momentum)
+        rv.mul_(1 - momentum).add_(var.view(-1, c), alpha=momentum * unbias)
+        nb.add_(1)

@@ -9,6 +9,8 @@
 #include <tuple>
 #include <vector>
 
+#include "../common/checks.h"
+#include "../common/launch.h"
 #include "dan.h"
 
 namespace clfast {
@@ -130,26 +132,26 @@ at::Tensor dan_layer(const at::Tensor& x, const at::Tensor& g1, const at::Tensor
   return out;
 }
 
-void update_one(at::Tensor& running_mean, at::Tensor& running_var, at::Tensor& num_batches, const at::Tensor& mean,
-                const at::Tensor& var, double momentum, int64_t batch, const char* which) {
-  const int64_t C = dan_detail::check_bn_update(running_mean, running_var, num_batches, mean, var, which);
-  const double unbias = static_cast<double>(batch) / static_cast<double>(batch - 1);
-  running_mean.mul_(1.0 - momentum).add_(mean.view({-1, C}), momentum);
-  running_var.mul_(1.0 - momentum).add_(var.view({-1, C}), momentum * unbias);
-  num_batches.add_(1);
-}
-
-// nn.BatchNorm1d's update: running = (1 - momentum) * running + momentum * batch (unbiased variance),
-// num_batches_tracked += 1, as a few element-wise ATen ops: the CUDA path (the CPU has a one-loop kernel).
+// nn.BatchNorm1d's update of both BatchNorms of a layer: running = (1 - momentum) * running + momentum * batch
+// (unbiased variance), num_batches_tracked += 1. Both are checked before either is written.
 void dan_bn_update_(at::Tensor& running_mean1, at::Tensor& running_var1, at::Tensor& num_batches1,
                     at::Tensor& running_mean2, at::Tensor& running_var2, at::Tensor& num_batches2,
                     const at::Tensor& mean1, const at::Tensor& var1, const at::Tensor& mean2, const at::Tensor& var2,
                     double momentum, int64_t batch) {
+  constexpr const char* op = "dan_bn_update_";
   dan_detail::check_bn_batch(batch);
-  // the second BatchNorm's shapes too, before the first is written
-  dan_detail::check_bn_update(running_mean2, running_var2, num_batches2, mean2, var2, "second");
-  update_one(running_mean1, running_var1, num_batches1, mean1, var1, momentum, batch, "first");
-  update_one(running_mean2, running_var2, num_batches2, mean2, var2, momentum, batch, "second");
+  const c10::Device device = running_mean1.device();
+  dan_detail::check_bn_update(running_mean1, running_var1, num_batches1, mean1, var1, "first", device);
+  dan_detail::check_bn_update(running_mean2, running_var2, num_batches2, mean2, var2, "second", device);
+  check_memory(op, {{"running_mean1", running_mean1, true}, {"running_var1", running_var1, true},
+                    {"num_batches1", num_batches1, true}, {"running_mean2", running_mean2, true},
+                    {"running_var2", running_var2, true}, {"num_batches2", num_batches2, true},
+                    {"mean1", mean1, false}, {"var1", var1, false}, {"mean2", mean2, false}, {"var2", var2, false}});
+  launch(op, device,
+         DanBnUpdate{{{running_mean1, running_var1, num_batches1, mean1, var1},
+                      {running_mean2, running_var2, num_batches2, mean2, var2}},
+                     momentum, batch});
+  bump_versions({running_mean1, running_var1, num_batches1, running_mean2, running_var2, num_batches2});
 }
 
 }  // namespace

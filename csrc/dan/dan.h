@@ -96,10 +96,16 @@ inline Dims check_layer(const at::Tensor& x, const at::Tensor& g1, const at::Ten
 }
 
 // dan_bn_update_'s arguments for one BatchNorm; returns its channel count C. The batch statistics hold C values
-// (the first BN of a layer with a shared input) or N * C.
+// (the first BN of a layer with a shared input) or N * C. All contiguous, on `device`, statistics of one float
+// dtype and int64 counters.
 inline int64_t check_bn_update(const at::Tensor& running_mean, const at::Tensor& running_var,
                                const at::Tensor& num_batches, const at::Tensor& mean, const at::Tensor& var,
-                               const char* which) {
+                               const char* which, const c10::Device& device) {
+  for (const at::Tensor* t : {&running_mean, &running_var, &num_batches, &mean, &var}) {
+    TORCH_CHECK(t->defined(), "clfast.dan_bn_update_: undefined tensor (", which, " BatchNorm)");
+    TORCH_CHECK(t->device() == device, "clfast.dan_bn_update_: ", which, " BatchNorm's statistics are on ",
+                t->device(), " but running_mean1 is on ", device);
+  }
   TORCH_CHECK(running_mean.dim() == 2 && running_var.sizes() == running_mean.sizes() && num_batches.dim() == 1 &&
                   num_batches.size(0) == running_mean.size(0),
               "clfast.dan_bn_update_: ", which, " running statistics must be [N, C] with counters [N], got ",
@@ -108,12 +114,35 @@ inline int64_t check_bn_update(const at::Tensor& running_mean, const at::Tensor&
   TORCH_CHECK(mean.numel() == var.numel() && C > 0 && mean.numel() % C == 0 &&
                   (mean.numel() == C || mean.numel() == running_mean.numel()),
               "clfast.dan_bn_update_: ", which, " batch statistics must hold C or N * C values, got ", mean.numel());
+  for (const at::Tensor* t : {&running_mean, &running_var, &num_batches, &mean, &var})
+    TORCH_CHECK(t->is_contiguous(), "clfast.dan_bn_update_: expected contiguous tensors (", which, " BatchNorm)");
+  TORCH_CHECK((running_mean.scalar_type() == at::kFloat || running_mean.scalar_type() == at::kDouble) &&
+                  running_var.scalar_type() == running_mean.scalar_type() &&
+                  mean.scalar_type() == running_mean.scalar_type() && var.scalar_type() == running_mean.scalar_type() &&
+                  num_batches.scalar_type() == at::kLong,
+              "clfast.dan_bn_update_: expected running and batch statistics of one dtype, float32 or float64, and "
+              "int64 counters (", which, " BatchNorm), got ", running_mean.scalar_type(), ", ",
+              running_var.scalar_type(), ", ", mean.scalar_type(), ", ", var.scalar_type(), ", ",
+              num_batches.scalar_type());
   return C;
 }
 
 inline void check_bn_batch(int64_t batch) {
   TORCH_CHECK(batch > 1, "clfast.dan_bn_update_: expected a batch of more than 1, got ", batch);
 }
+
+}  // namespace dan_detail
+
+// dan_bn_update_'s launch arguments: both BatchNorms of a layer, validated by the front (csrc/dan/dan.cpp).
+struct DanBnUpdate {
+  struct One {
+    at::Tensor running_mean, running_var, num_batches, mean, var;
+  } bn[2];
+  double momentum;
+  int64_t batch;
+};
+
+namespace dan_detail {
 
 inline at::Tensor contig(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
 

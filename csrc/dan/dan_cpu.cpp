@@ -13,6 +13,7 @@
 
 #include "dan.h"
 #include "../common/blas.h"
+#include "../common/launch.h"
 #include "../common/vectorize.h"
 
 namespace clfast::cpu {
@@ -334,21 +335,8 @@ CLFAST_VECTORIZE void bn_update_loop(T* __restrict__ rm, T* __restrict__ rv, con
     }
 }
 
-void check_bn_update_cpu(const at::Tensor& rm, const at::Tensor& rv, const at::Tensor& nb, const at::Tensor& mean,
-                         const at::Tensor& var, const char* which) {
-  dan_detail::check_bn_update(rm, rv, nb, mean, var, which);
-  for (const at::Tensor* t : {&rm, &rv, &nb, &mean, &var})
-    TORCH_CHECK(t->is_contiguous(), "clfast.dan_bn_update_: expected contiguous tensors (", which, " BatchNorm)");
-  TORCH_CHECK((rm.scalar_type() == at::kFloat || rm.scalar_type() == at::kDouble) &&
-                  rv.scalar_type() == rm.scalar_type() && mean.scalar_type() == rm.scalar_type() &&
-                  var.scalar_type() == rm.scalar_type() && nb.scalar_type() == at::kLong,
-              "clfast.dan_bn_update_: expected running and batch statistics of one dtype, float32 or float64, and int64 "
-              "counters (", which, " BatchNorm), got ", rm.scalar_type(), ", ", rv.scalar_type(), ", ",
-              mean.scalar_type(), ", ", var.scalar_type(), ", ", nb.scalar_type());
-}
-
-void bn_update_one(at::Tensor& rm, at::Tensor& rv, at::Tensor& nb, const at::Tensor& mean, const at::Tensor& var,
-                   double momentum, int64_t batch) {
+void bn_update_one(const at::Tensor& rm, const at::Tensor& rv, const at::Tensor& nb, const at::Tensor& mean,
+                   const at::Tensor& var, double momentum, int64_t batch) {
   const double unbias = static_cast<double>(batch) / static_cast<double>(batch - 1);
   AT_DISPATCH_FLOATING_TYPES(rm.scalar_type(), "dan_bn_update_", [&] {
     bn_update_loop<scalar_t>(rm.data_ptr<scalar_t>(), rv.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
@@ -360,17 +348,10 @@ void bn_update_one(at::Tensor& rm, at::Tensor& rv, at::Tensor& nb, const at::Ten
   for (int64_t i = 0; i < nb.numel(); ++i) counters[i] += 1;
 }
 
-// The CPU kernel of dan_bn_update_ (csrc/dan/dan.cpp has the device-generic composite): one loop per BatchNorm
-// instead of five ATen calls. Both BatchNorms' arguments are checked before either is written.
-void dan_bn_update_(at::Tensor& running_mean1, at::Tensor& running_var1, at::Tensor& num_batches1,
-                    at::Tensor& running_mean2, at::Tensor& running_var2, at::Tensor& num_batches2,
-                    const at::Tensor& mean1, const at::Tensor& var1, const at::Tensor& mean2, const at::Tensor& var2,
-                    double momentum, int64_t batch) {
-  dan_detail::check_bn_batch(batch);
-  check_bn_update_cpu(running_mean1, running_var1, num_batches1, mean1, var1, "first");
-  check_bn_update_cpu(running_mean2, running_var2, num_batches2, mean2, var2, "second");
-  bn_update_one(running_mean1, running_var1, num_batches1, mean1, var1, momentum, batch);
-  bn_update_one(running_mean2, running_var2, num_batches2, mean2, var2, momentum, batch);
+// dan_bn_update_ on the CPU: one loop per BatchNorm instead of five ATen calls.
+void launch_dan_bn_update(const DanBnUpdate& a) {
+  for (const DanBnUpdate::One& bn : a.bn)
+    bn_update_one(bn.running_mean, bn.running_var, bn.num_batches, bn.mean, bn.var, a.momentum, a.batch);
 }
 
 }  // namespace
@@ -378,7 +359,8 @@ void dan_bn_update_(at::Tensor& running_mean1, at::Tensor& running_var1, at::Ten
 TORCH_LIBRARY_IMPL(clfast, CPU, m) {
   m.impl("dan_layer_forward", &dan_layer_forward_impl<CpuKernels>);
   m.impl("dan_layer_backward", &dan_layer_backward_impl<CpuKernels>);
-  m.impl("dan_bn_update_", &dan_bn_update_);
 }
+
+CLFAST_REGISTER_LAUNCHER(DanBnUpdate, cpu, &launch_dan_bn_update);
 
 }  // namespace clfast::cpu

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 
+#include "../common/launch.h"
 #include "dan.h"
 
 namespace clfast::cuda {
@@ -271,6 +272,21 @@ struct CudaKernels {
 };
 
 }  // namespace
+
+// dan_bn_update_ on CUDA: a few element-wise ATen ops per BatchNorm.
+void launch_dan_bn_update(const DanBnUpdate& a) {
+  const double unbias = static_cast<double>(a.batch) / static_cast<double>(a.batch - 1);
+  for (const DanBnUpdate::One& bn : a.bn) {
+    const int64_t C = bn.running_mean.size(1);
+    at::Tensor rm = bn.running_mean, rv = bn.running_var, nb = bn.num_batches;
+    const at::AutoDispatchBelowADInplaceOrView below;  // the front bumps each version once
+    rm.mul_(1.0 - a.momentum).add_(bn.mean.view({-1, C}), a.momentum);
+    rv.mul_(1.0 - a.momentum).add_(bn.var.view({-1, C}), a.momentum * unbias);
+    nb.add_(1);
+  }
+}
+
+CLFAST_REGISTER_LAUNCHER(DanBnUpdate, cuda, &launch_dan_bn_update);
 
 TORCH_LIBRARY_IMPL(clfast, CUDA, m) {
   m.impl("dan_layer_forward", &dan_layer_forward_impl<CudaKernels>);
