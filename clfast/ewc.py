@@ -183,6 +183,7 @@ class EWC:
         params = self.parameters()
         if not self.fishers:
             return params[0].new_zeros(())
+        self._check_params(params, "penalty")
         if self.representation == "diag":
             imp = [t for f in self._fast for t in f["importance"]]
             return _ops.si_penalty(imp, [t for a in self._anchors for t in a], params * len(self._fast))
@@ -196,6 +197,16 @@ class EWC:
         for fisher, coef, anchor in zip(self.fishers, self._coef, self._anchors):
             total = total + coef * fisher.vTMv(current - self._pvector(anchor))
         return total
+
+    def _check_params(self, params: List[Tensor], where: str) -> None:
+        """The consolidated state holds the parameters' dtype and device at consolidate(): a model converted or
+        moved since then cannot be compared with it."""
+        anchor = self._anchors[-1]
+        for k, (p, a) in enumerate(zip(params, anchor)):
+            if p.dtype != a.dtype or p.device != a.device:
+                raise RuntimeError(f"EWC.{where}: the model's parameters are now {p.dtype} on {p.device}, but the "
+                                   f"Fisher was computed for {a.dtype} on {a.device} at consolidate(); convert or move "
+                                   "the model back, or create the EWC object (and consolidate) after converting it")
 
     def _blocks(self, params: List[Tensor]):
         if self.representation == "dense":
@@ -219,6 +230,7 @@ class EWC:
         if not self.fishers:
             return
         params = self.parameters()
+        self._check_params(params, "add_penalty_grad_")
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)

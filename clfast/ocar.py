@@ -96,10 +96,24 @@ class OCAR:
 
     # -- the training step -----------------------------------------------------------------------------------
     def step(self, x: Tensor, y: Tensor) -> Tensor:
-        """One replay step on ``x [B, ...]``, ``y [B]`` plus ``B`` buffer items; returns the (detached) loss."""
-        xs, ys = self.replay(x, y)
+        """One replay step on ``x [B, ...]``, ``y [B]`` plus ``B`` buffer items; returns the (detached) loss.
+        A batch the model or the loss refuses raises with the buffer, its generator and the factors unchanged."""
+        if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
+            raise ValueError(f"OCAR.step: x and y need the same leading batch size, got {list(x.shape)} and "
+                             f"{list(y.shape)}")
+        generator = self.buffer.generator
+        drawn_from = generator.get_state() if generator is not None else None
+        try:
+            xs, ys = self.replay(x, y)
+            out = self._model_forward(xs)
+            loss = self.loss_fn(out, ys)
+        except Exception:
+            if drawn_from is not None:  # the replayed items are drawn again next time
+                generator.set_state(drawn_from)
+            raise
+        if self.fisher == "ema":
+            self._update_factors(out)
         self.optimizer.zero_grad()
-        loss = self.loss_fn(self.forward(xs), ys)
         loss.backward()
         self.precondition_(xs, ys)
         self.optimizer.step()
@@ -115,19 +129,26 @@ class OCAR:
         """The batch with as many buffer items appended (the batch alone while the buffer is empty)."""
         if not len(self.buffer):
             return x, y
+        stored = self.buffer.storage
+        if x.shape[1:] != stored[0].shape[1:] or (y.shape[1:] != stored[1].shape[1:] if len(stored) > 1 else False):
+            raise ValueError(f"OCAR: a batch of items {list(x.shape[1:])} cannot be replayed with the buffer's "
+                             f"{list(stored[0].shape[1:])}")
         xb, yb = self.buffer.sample(x.shape[0])[:2]
         return torch.cat([x, xb.to(x.device)]), torch.cat([y, yb.to(y.device)])
 
     def forward(self, xs: Tensor) -> Tensor:
         """``model(xs)``; in ema mode also updates the running Kronecker factors from this forward."""
-        self._collecting = self.fisher == "ema"
-        try:
-            out = self.model(xs)
-        finally:
-            self._collecting = False
+        out = self._model_forward(xs)
         if self.fisher == "ema":
             self._update_factors(out)
         return out
+
+    def _model_forward(self, xs: Tensor) -> Tensor:
+        self._collecting = self.fisher == "ema"
+        try:
+            return self.model(xs)
+        finally:
+            self._collecting = False
 
     def precondition_(self, x: Optional[Tensor] = None, y: Optional[Tensor] = None) -> None:
         """Replace the parameters' ``.grad`` by ``(F + damping I)^{-1} .grad``; exact mode computes ``F`` on

@@ -90,8 +90,8 @@ inline Dims check_layer(const at::Tensor& x, const at::Tensor& g1, const at::Ten
   // torch's BatchNorm: a positive eps in train mode, a non-negative one in eval mode.
   TORCH_CHECK_VALUE(eval || eps > 0, "batch_norm eps must be positive during training, but got ", eps);
   TORCH_CHECK_VALUE(eps >= 0, "batch_norm eps must be non-negative, but got ", eps);
-  TORCH_CHECK(eval || d.B > 1, "clfast.dan_layer: expected more than 1 value per channel when training, got a batch "
-              "of ", d.B);
+  TORCH_CHECK_VALUE(eval || d.B > 1, "Expected more than 1 value per channel when training, got input size ",
+                    x.sizes());
   return d;
 }
 

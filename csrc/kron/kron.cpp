@@ -1,10 +1,11 @@
-// Kronecker-factored quadratic forms for EWC (KFAC blocks, and dense Fishers as 1x1-factored blocks). The
+// Kronecker-factored quadratic forms for EWC (the front and the only implementation of the kron family) (KFAC blocks, and dense Fishers as 1x1-factored blocks). The
 // work is GEMMs, so one device-agnostic implementation on ATen's matmul serves CPU (BLAS) and CUDA (cuBLAS):
 // it is registered as CompositeExplicitAutograd, with its fused backward registered in clfast/_ops.py.
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace clfast {
@@ -14,17 +15,21 @@ void check_blocks(const char* op, at::TensorList a, at::TensorList g, at::Tensor
   TORCH_CHECK(!v.empty(), "clfast.", op, ": expected at least one block");
   TORCH_CHECK(a.size() == v.size() && g.size() == v.size(), "clfast.", op,
               ": a, g and v must list the same blocks, got ", a.size(), ", ", g.size(), " and ", v.size());
+  const at::Tensor& first = v[0];
+  TORCH_CHECK(first.defined() && (first.scalar_type() == at::kFloat || first.scalar_type() == at::kDouble), "clfast.",
+              op, ": v[0] must be float32 or float64, got ", first.defined() ? c10::toString(first.scalar_type()) : "None");
   for (size_t i = 0; i < v.size(); ++i) {
+    for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"a", a[i]}, {"g", g[i]}, {"v", v[i]}}) {
+      TORCH_CHECK(t.defined(), "clfast.", op, ": ", name, "[", i, "] is undefined (None)");
+      TORCH_CHECK(t.scalar_type() == first.scalar_type(), "clfast.", op, ": ", name, "[", i, "] is ", t.scalar_type(),
+                  " but v[0] is ", first.scalar_type(), "; all blocks must share one dtype");
+      TORCH_CHECK(t.device() == first.device(), "clfast.", op, ": ", name, "[", i, "] is on ", t.device(),
+                  " but v[0] is on ", first.device());
+    }
     TORCH_CHECK(v[i].dim() == 2 && a[i].dim() == 2 && g[i].dim() == 2 && a[i].size(0) == a[i].size(1) &&
                     g[i].size(0) == g[i].size(1) && g[i].size(0) == v[i].size(0) && a[i].size(0) == v[i].size(1),
                 "clfast.", op, ": block ", i, " needs g [n, n], v [n, m], a [m, m]; got g ", g[i].sizes(), ", v ",
                 v[i].sizes(), ", a ", a[i].sizes());
-    TORCH_CHECK(v[i].scalar_type() == v[0].scalar_type() && a[i].scalar_type() == v[0].scalar_type() &&
-                    g[i].scalar_type() == v[0].scalar_type() &&
-                    (v[0].scalar_type() == at::kFloat || v[0].scalar_type() == at::kDouble),
-                "clfast.", op, ": block ", i, " must be float32 or float64 like block 0");
-    TORCH_CHECK(v[i].device() == v[0].device() && a[i].device() == v[0].device() && g[i].device() == v[0].device(),
-                "clfast.", op, ": block ", i, " must be on ", v[0].device());
   }
 }
 
@@ -45,7 +50,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> kron_quadratic(at::TensorList a,
 // preconditioner when a, g are inverses). `scale` is a 0-dim tensor so it may stay on the device.
 std::vector<at::Tensor> kron_mv(const at::Tensor& scale, at::TensorList a, at::TensorList g, at::TensorList v) {
   check_blocks("kron_mv", a, g, v);
-  TORCH_CHECK(scale.numel() == 1, "clfast.kron_mv: scale must hold one element, got shape ", scale.sizes());
+  TORCH_CHECK(scale.numel() == 1 && scale.device() == v[0].device(), "clfast.kron_mv: scale must be one element on ",
+              v[0].device(), ", got shape ", scale.sizes(), " on ", scale.device());
   std::vector<at::Tensor> out;
   for (size_t i = 0; i < v.size(); ++i) out.push_back(g[i].mm(v[i]).mm(a[i]).mul_(scale));
   return out;

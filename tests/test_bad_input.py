@@ -1,0 +1,28 @@
+"""The bad-input suite (tests/bad_input.py) with each op family in its own process: a crash is a failing test,
+and every case must end as same-result or same-error (equal results, or the same exception on both backends with
+every argument unchanged)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bad_input import DEFECTS, FAMILIES
+
+from clfast.testing import needs_native
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@needs_native
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bad_input(family):
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "bad_input.py"), family], capture_output=True,
+                          text=True, timeout=600)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0, (f"the {family} cases crashed (exit {proc.returncode}) after "
+                                  f"{rows[-1]['case'] if rows else 'no case'}:\n{proc.stderr[-2000:]}")
+    defects = [f"{r['op']} {r['case']}: {r['outcome']} ({r.get('detail') or r.get('message', '')})" for r in rows
+               if r["outcome"] in DEFECTS]
+    assert rows and not defects, "\n".join(defects[:40])
