@@ -1,6 +1,7 @@
 // Every clfast schema, in one place. Each op family's front (csrc/<family>/<family>.cpp) implements its ops for
 // every backend and launches the kernels of the tensors' device.
 #include <Python.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 // `import clfast._C` loads this library, whose static initialisers register the ops below.
@@ -87,4 +88,30 @@ TORCH_LIBRARY(clfast, m) {
   m.def("dan_bn_update_(Tensor(a!) running_mean1, Tensor(b!) running_var1, Tensor(c!) num_batches1, "
         "Tensor(d!) running_mean2, Tensor(e!) running_var2, Tensor(f!) num_batches2, Tensor mean1, Tensor var1, "
         "Tensor mean2, Tensor var2, float momentum, int batch) -> ()");
+}
+
+namespace {
+
+// With every tensor list empty, the dispatcher has no device to choose a kernel by and reports "There were no
+// tensor arguments to this function". The ops whose tensors all come in lists check that case here, at
+// BackendSelect (always in the key set), and pass every other call on to the kernel of its tensors' device.
+void require_a_tensor(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const size_t n = op.schema().arguments().size();
+  bool any = false;
+  for (size_t i = stack->size() - n; i < stack->size() && !any; ++i) {
+    const c10::IValue& v = (*stack)[i];
+    any = (v.isTensor() && v.toTensor().defined()) || (v.isTensorList() && !v.toTensorList().empty());
+  }
+  TORCH_CHECK(any, "clfast.", op.schema().name().substr(sizeof("clfast::") - 1),
+              ": expected at least one tensor, got only empty lists");
+  op.redispatchBoxed(keys & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, c10::DispatchKey::BackendSelect),
+                     stack);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(clfast, BackendSelect, m) {
+  for (const char* op : {"si_accumulate_", "si_consolidate_", "si_penalty", "si_penalty_grad_", "sgd_si_step_",
+                         "adam_si_step_", "cbp_update_", "reservoir_add_", "kron_quadratic"})
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&require_a_tensor>());
 }

@@ -486,7 +486,8 @@ def tally(path: str) -> None:
     import subprocess
     rows, crashes = [], []
     for family in FAMILIES:
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), family], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), family], capture_output=True, text=True,
+                              env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
         if proc.returncode:
             crashes.append(f"{family}: exit {proc.returncode}")
         rows += [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
