@@ -6,8 +6,8 @@ import torch
 
 import clfast
 from clfast.buffer import ReservoirBuffer
-from clfast.reference.buffer import ListDataBuffer
-from clfast.testing import measure
+from clfast.baselines.buffer import ListDataBuffer
+from clfast_testing import measure
 
 pytestmark = pytest.mark.benchmark(min_rounds=20, max_time=2.0, warmup=True, warmup_iterations=3)
 CAPACITY, BATCH = 10_000, 256

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import clfast
-from clfast.reference.cbp_clarena import CLArenaCBP
-from clfast.testing import measure
+from clfast.baselines.cbp_clarena import CLArenaCBP
+from clfast_testing import measure
 
 pytestmark = pytest.mark.benchmark(min_rounds=10, max_time=2.0, warmup=True, warmup_iterations=2)
 SIZES = (784, 2000, 2000, 2000, 10)

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import clfast
-from clfast.reference import dan as seed
-from clfast.testing import measure
+from clfast.baselines import dan as seed
+from clfast_testing import measure
 
 pytestmark = pytest.mark.benchmark(min_rounds=10, max_time=2.0, warmup=True, warmup_iterations=3)
 IMPLS = ["seed", "bmm", "bmm_compiled", "native", "native+fused_adam"]

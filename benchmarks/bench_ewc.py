@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import clfast
-from clfast.testing import measure
+from clfast_testing import measure
 
 pytest.importorskip("nngeometry")
 from nngeometry.object import PVector  # noqa: E402

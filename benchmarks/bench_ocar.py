@@ -9,9 +9,9 @@ from torch import nn
 
 import clfast
 from clfast.models import BaseNet
-from clfast.reference.buffer import ListDataBuffer
-from clfast.reference.ocar import seed_ours_step
-from clfast.testing import measure
+from clfast.baselines.buffer import ListDataBuffer
+from clfast.baselines.ocar import seed_ours_step
+from clfast_testing import measure
 
 pytest.importorskip("nngeometry")
 from nngeometry.metrics import FIM  # noqa: E402

@@ -14,9 +14,9 @@ from torch import nn
 
 import clfast
 from clfast import si as csi
-from clfast.reference import si_hypnettorch as seed
+from clfast.baselines import si_hypnettorch as seed
 
-from clfast.testing import measure, needs_native
+from clfast_testing import measure, needs_native
 
 pytestmark = [pytest.mark.benchmark(min_rounds=20, max_time=2.0, warmup=True, warmup_iterations=3), needs_native]
 

@@ -2,10 +2,13 @@
 the same run (each benchmark names its baseline in ``extra_info``)."""
 import json
 import os
+import sys
 
 import pytest
 
-from clfast.testing import device_params
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
+
+from clfast_testing import device_params  # noqa: E402
 
 
 @pytest.fixture(params=device_params(), scope="module")

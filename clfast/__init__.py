@@ -4,7 +4,7 @@ Ops run through ``torch.ops.clfast.*`` when the native extension is built and on
 in :mod:`clfast.reference` otherwise (same numbers, slower). :func:`backend` says which, :func:`set_backend`
 or ``CLFAST_BACKEND=reference`` forces the references.
 """
-from ._ops import backend, native_available, set_backend
+from .ops import backend, native_available, set_backend
 from ._version import __version__
 from . import nn, optim, si
 from .si import SI

@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import _ops
+from . import ops
 
 __all__ = ["ReservoirBuffer", "DataBuffer"]
 
@@ -75,7 +75,7 @@ class ReservoirBuffer:
             draws = torch.rand(B, dtype=torch.float64, device=device, generator=self.generator)
         if not self.storage:
             self.storage = [torch.empty((self.capacity, *t.shape[1:]), dtype=t.dtype, device=device) for t in batch]
-        _ops.reservoir_add_(self.storage, batch, draws, self.num_seen)
+        ops.reservoir_add_(self.storage, batch, draws, self.num_seen)
         self.num_seen += B
 
     def sample(self, n: int) -> Tuple[Tensor, ...]:

@@ -15,7 +15,7 @@ from typing import Deque, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import _ops
+from . import ops
 
 UTILITIES = ("contribution", "zero_contribution", "adaptable_contribution")
 
@@ -207,7 +207,7 @@ class CBP:
             raise RuntimeError(f"CBP.step: no activations for layer(s) {missing}; {hint}")
         dtype = self.utilities[0].dtype  # activations under autocast come in half precision
         feats = [source[L.name].detach().to(dtype) for L in self._layers]
-        _ops.cbp_update_(self.utilities, self.means, self.ages, feats, [L.next.weight.detach() for L in self._layers],
+        ops.cbp_update_(self.utilities, self.means, self.ages, feats, [L.next.weight.detach() for L in self._layers],
                          [L.layer.weight.detach() for L in self._layers], self.utility_decay_rate,
                          self.utility)
         self._captured = {}
@@ -245,7 +245,7 @@ class CBP:
         new = torch.empty(count, w[0].numel(), dtype=w.dtype, device=w.device).uniform_(
             -L.bound, L.bound, generator=self.generator)
         bias = lambda mod: mod.bias.detach() if getattr(mod, "bias", None) is not None else None  # noqa: E731
-        index = _ops.cbp_replace_(w.detach(), bias(L.layer), L.next.weight.detach(), bias(L.next), u, m, a, new,
+        index = ops.cbp_replace_(w.detach(), bias(L.layer), L.next.weight.detach(), bias(L.next), u, m, a, new,
                                   self.utility_decay_rate, self.maturity_threshold)
         if L.norm is not None:
             if getattr(L.norm, "weight", None) is not None:

@@ -13,7 +13,7 @@ from typing import Dict, Iterable, List, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import _ops
+from . import ops
 
 __all__ = ["EWC"]
 
@@ -186,10 +186,10 @@ class EWC:
         self._check_params(params, "penalty")
         if self.representation == "diag":
             imp = [t for f in self._fast for t in f["importance"]]
-            return _ops.si_penalty(imp, [t for a in self._anchors for t in a], params * len(self._fast))
+            return ops.si_penalty(imp, [t for a in self._anchors for t in a], params * len(self._fast))
         if self.representation in ("kfac", "dense"):
             a, g, v = self._blocks(params)
-            return _ops.kron_quadratic(a, g, v)
+            return ops.kron_quadratic(a, g, v)
         from nngeometry.object import PVector
 
         current = PVector.from_model(self.model) if self._covers_model() else self._pvector(params)
@@ -239,11 +239,11 @@ class EWC:
             if self.representation == "diag":
                 detached = [p.detach() for p in params]
                 for f, anchor in zip(self._fast, self._anchors):
-                    _ops.si_penalty_grad_(grads, f["importance"], anchor, detached, strength)
+                    ops.si_penalty_grad_(grads, f["importance"], anchor, detached, strength)
                 return
             if self.representation in ("kfac", "dense"):
                 a, g, v = self._blocks([p.detach() for p in params])
-                blocks = _ops.kron_mv(params[0].new_tensor(2.0 * strength), a, g, v)
+                blocks = ops.kron_mv(params[0].new_tensor(2.0 * strength), a, g, v)
                 self._scatter(blocks, grads)
                 return
         with torch.enable_grad():

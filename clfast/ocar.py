@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _ops
+from . import ops
 from .buffer import ReservoirBuffer
 from .ewc import EWC, _representations, fim, layer_params
 
@@ -194,7 +194,7 @@ class OCAR:
             blocks.append(torch.cat([gw, b.grad[:, None]], 1) if b is not None else gw)
             slots.append((w, b))
         one = blocks[0].new_ones(())
-        for (w, b), x in zip(slots, _ops.kron_mv(one, a_inv, g_inv, blocks)):
+        for (w, b), x in zip(slots, ops.kron_mv(one, a_inv, g_inv, blocks)):
             w.grad.copy_(x[:, :w[0].numel()].reshape(w.shape))
             if b is not None:
                 b.grad.copy_(x[:, -1])

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _ops
+from . import ops
 from .si import SI
 
 __all__ = ["SGD", "Adam"]
@@ -125,7 +125,7 @@ class SGD(_SIOptimizer):
                 if use_momentum:
                     bufs = [torch.empty_like(p, memory_format=torch.preserve_format) if init
                             else state["momentum_buffer"] for p, state in zip(params, states)]
-                _ops.sgd_si_step_(params, grads, bufs, omegas, lr=group["lr"], momentum=group["momentum"],
+                ops.sgd_si_step_(params, grads, bufs, omegas, lr=group["lr"], momentum=group["momentum"],
                                   dampening=group["dampening"], weight_decay=group["weight_decay"],
                                   nesterov=group["nesterov"], init_buffers=bool(init))
                 if use_momentum and init:
@@ -175,7 +175,7 @@ class Adam(_SIOptimizer):
                            for p, state, new in zip(params, states, fresh)]
                 exp_avg_sq = [torch.zeros_like(p, memory_format=torch.preserve_format) if new
                               else state["exp_avg_sq"] for p, state, new in zip(params, states, fresh)]
-                _ops.adam_si_step_(params, grads, exp_avg, exp_avg_sq, omegas, lr=group["lr"], beta1=beta1,
+                ops.adam_si_step_(params, grads, exp_avg, exp_avg_sq, omegas, lr=group["lr"], beta1=beta1,
                                    beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                                    bias_correction1=1 - beta1 ** step, bias_correction2=1 - beta2 ** step)
                 for state, m, v, new in zip(states, exp_avg, exp_avg_sq, fresh):

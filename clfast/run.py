@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import _ops, methods, models, scenarios
+from . import methods, models, ops, scenarios
 from ._version import __version__
 
 DEMO_METHODS = "finetune,replay,ewc,si,ocar,cbp"
@@ -51,7 +51,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out", help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--backend", choices=_ops.BACKENDS, default=None, help="native kernels or pure-torch references")
+    p.add_argument("--backend", choices=ops.BACKENDS, default=None, help="native kernels or pure-torch references")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--fraction", type=float, default=1.0, help="use this fraction of the data (quick runs)")
     p.add_argument("--no-plots", action="store_true")
@@ -274,7 +274,7 @@ def _fisher_images(fisher):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.backend:
-        _ops.set_backend(args.backend)
+        ops.set_backend(args.backend)
     try:
         scenario = scenarios.build(args.scenario, args.data_dir, tasks=args.tasks, seed=args.seed,
                                    fraction=args.fraction)
@@ -282,11 +282,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     config = {k: v for k, v in vars(args).items()}
-    config.update(version=__version__, backend=_ops.backend(), num_tasks=len(scenario.train),
+    config.update(version=__version__, backend=ops.backend(), num_tasks=len(scenario.train),
                   classes_per_task=[t.classes for t in scenario.train])
     print(f"clfast {__version__}: {args.scenario} Fashion-MNIST, {len(scenario.train)} tasks, model {args.model}, "
           f"{args.epochs} epoch(s) per task, SGD lr {args.lr} momentum {args.momentum}, batch {args.batch_size}, "
-          f"backend {_ops.backend()}, device {args.device}")
+          f"backend {ops.backend()}, device {args.device}")
     results, failed = {}, {}
     for method in args.methods:
         try:

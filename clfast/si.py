@@ -15,15 +15,22 @@ parameters (one parallel loop on the CPU, one multi-tensor launch on CUDA).
 from __future__ import annotations
 
 import weakref
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from . import _ops
-from .reference.si_hypnettorch import si_buffer_names
+from . import ops
+
 
 __all__ = ["si_pre_optim_step", "si_post_optim_step", "si_compute_importance", "si_regularizer", "SI"]
+
+def si_buffer_names(param_id: int, params_name: Optional[str] = None) -> Tuple[str, str, str, str]:
+    """Buffer names of (Omega, theta_prev, running omega, theta_pre_step) for parameter ``param_id``."""
+    group = "" if params_name is None else f"_{params_name}"
+    return (f"si_omega{group}_weights_{param_id}", f"si_prev_theta{group}_weights_{param_id}",
+            f"si_running_omega{group}_weights_{param_id}", f"si_pre_step_theta{group}_weights_{param_id}")
+
 
 # Pre-step checkpoints are registered as buffers and set to None after use, like hypnettorch; the storage
 # is kept here and reused, so a training step allocates nothing.
@@ -110,7 +117,7 @@ def si_post_optim_step(net: nn.Module, params: Sequence[Tensor], params_name: Op
             fresh.append((running_name, omega))
         omegas.append(omega)
         grads.append(p.grad)
-    _ops.si_accumulate_(omegas, [p.detach() for _, p in tracked], refs, grads, delta_params is not None)
+    ops.si_accumulate_(omegas, [p.detach() for _, p in tracked], refs, grads, delta_params is not None)
     for name, omega in fresh:
         net.register_buffer(name, omega)
     if delta_params is None:
@@ -145,7 +152,7 @@ def si_compute_importance(net: nn.Module, params: Sequence[Tensor], params_name:
         running.append(getattr(net, running_name))
     detached = [p.detach() for _, p in tracked]
     _check_finite("si_compute_importance", running_omega=running, params=detached)
-    _ops.si_consolidate_(importance, prev, running, detached, epsilon)
+    ops.si_consolidate_(importance, prev, running, detached, epsilon)
     for name, omega in fresh:
         net.register_buffer(name, omega)
     for i, _ in tracked:
@@ -166,7 +173,7 @@ def si_regularizer(net: nn.Module, params: Sequence[Tensor], params_name: Option
         prev.append(getattr(net, prev_name))
     if not tracked:
         return 0.0
-    return _ops.si_penalty(importance, prev, [p for _, p in tracked])
+    return ops.si_penalty(importance, prev, [p for _, p in tracked])
 
 
 class SI:
@@ -246,7 +253,7 @@ class SI:
             if len(ref) != len(self.params):
                 raise ValueError(f"SI.after_step: expected {len(self.params)} delta_params (one per tracked "
                                  f"parameter), got {len(ref)}")
-        _ops.si_accumulate_(self.omega, self._detached(), ref, grads, delta_params is not None)
+        ops.si_accumulate_(self.omega, self._detached(), ref, grads, delta_params is not None)
         self._pre_valid = False
         self._omega_live = True
 
@@ -254,18 +261,18 @@ class SI:
         """End of a task: fold the running estimate into the importances and checkpoint ``theta_prev``."""
         detached = self._detached()
         _check_finite("SI.consolidate", omega=self.omega, params=detached)
-        _ops.si_consolidate_(self.importance, self.prev, self.omega, detached, self.epsilon)
+        ops.si_consolidate_(self.importance, self.prev, self.omega, detached, self.epsilon)
         self._has_importance, self._omega_live = True, False
 
     # -- regulariser ---------------------------------------------------------------------------------------
     def penalty(self) -> Tensor:
         """``strength * sum(Omega * (theta - theta_prev)^2)``, a 0-dim tensor differentiable in the params."""
-        return self.strength * _ops.si_penalty(self.importance, self.prev, self.params)
+        return self.strength * ops.si_penalty(self.importance, self.prev, self.params)
 
     def add_penalty_grad(self) -> None:
         """Add the penalty's gradient ``strength * 2 * Omega * (theta - theta_prev)`` straight into ``.grad``
         (no autograd graph); call it after ``loss.backward()``."""
-        _ops.si_penalty_grad_(self._grads("add_penalty_grad"), self.importance, self.prev, self._detached(),
+        ops.si_penalty_grad_(self._grads("add_penalty_grad"), self.importance, self.prev, self._detached(),
                               self.strength)
 
     # -- state -----------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 from bad_input import DEFECTS, FAMILIES
 
 import clfast
-from clfast.testing import needs_native
+from clfast_testing import needs_native
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The child imports the clfast this process imported.

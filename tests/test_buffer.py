@@ -7,8 +7,8 @@ import torch
 import clfast
 from clfast import reference
 from clfast.buffer import DataBuffer, ReservoirBuffer
-from clfast.reference.buffer import reservoir_add_one_by_one
-from clfast.testing import device_params, needs_native
+from clfast.baselines.buffer import reservoir_add_one_by_one
+from clfast_testing import device_params, needs_native
 
 
 def _batch(B, start, device="cpu"):
@@ -30,7 +30,7 @@ def test_batched_op_equals_one_by_one(backend, device):
     for B in (7, 13, 1, 64, 0, 5, 300, 9):  # fills, overflows, collisions inside large batches
         batch = _batch(B, seen, device)
         draws = torch.rand(B, dtype=torch.float64, generator=g).to(device)
-        clfast._ops.reservoir_add_(batched, batch, draws, seen)
+        clfast.ops.reservoir_add_(batched, batch, draws, seen)
         reservoir_add_one_by_one(serial, batch, draws.cpu(), seen)
         seen += B
         for a, b in zip(batched, serial):

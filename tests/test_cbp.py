@@ -8,7 +8,7 @@ from torch import nn
 
 import clfast
 from clfast import reference
-from clfast.testing import device_params, needs_native
+from clfast_testing import device_params, needs_native
 
 # (features shape, w_next shape, w_cur shape): Linear -> Linear, Conv2d -> Conv2d, Conv2d -> flatten -> Linear
 CASES = {
@@ -83,19 +83,19 @@ def test_selection_takes_the_lowest_mature_utilities(backend):
     w_cur, w_next = torch.randn(n, 3), torch.randn(4, n)
     utility = torch.tensor([5.0, 1.0, 0.5, 9.0, 0.1, 2.0, 0.2, 7.0, 0.3, 4.0])
     age = torch.tensor([50.0, 50.0, 50.0, 50.0, 2.0, 50.0, 50.0, 50.0, 50.0, 50.0])  # unit 4 is immature
-    chosen = clfast._ops.cbp_replace_(w_cur, None, w_next, None, utility, torch.zeros(n), age, torch.zeros(3, 3),
+    chosen = clfast.ops.cbp_replace_(w_cur, None, w_next, None, utility, torch.zeros(n), age, torch.zeros(3, 3),
                                       0.9, 10)
     assert chosen.tolist() == [6, 8, 2]
     utility = torch.tensor([5.0, 1.0, 0.5, 9.0, 0.1, 2.0, float("nan"), 7.0, 0.3, 4.0])  # unit 6 diverged
     age = torch.tensor([50.0, 50.0, 50.0, 50.0, 2.0, 50.0, 50.0, 50.0, 50.0, 50.0])
-    chosen = clfast._ops.cbp_replace_(w_cur, None, w_next, None, utility, torch.zeros(n), age, torch.zeros(3, 3),
+    chosen = clfast.ops.cbp_replace_(w_cur, None, w_next, None, utility, torch.zeros(n), age, torch.zeros(3, 3),
                                       0.9, 10)  # NaN ranks last, on every backend
     assert chosen.tolist() == [8, 2, 1]
 
 
 def test_empty_layers_are_rejected(backend):
     with pytest.raises(RuntimeError, match="non-empty|at least one unit"):
-        clfast._ops.cbp_update_([torch.zeros(4)], [torch.zeros(4)], [torch.zeros(4)], [torch.zeros(3, 4, 0)],
+        clfast.ops.cbp_update_([torch.zeros(4)], [torch.zeros(4)], [torch.zeros(4)], [torch.zeros(3, 4, 0)],
                                 [torch.zeros(2, 4)], [torch.zeros(4, 3)], 0.9, "contribution")
 
 
@@ -109,7 +109,7 @@ def test_bias_correction_keeps_the_next_layers_mean_output(backend):
     # running mean whose bias-corrected value equals this batch's mean activation
     mean = h.mean(0) * (1 - decay ** age)
     before = nxt(h).mean(0).detach()
-    chosen = clfast._ops.cbp_replace_(cur.weight.detach(), cur.bias.detach(), nxt.weight.detach(), nxt.bias.detach(),
+    chosen = clfast.ops.cbp_replace_(cur.weight.detach(), cur.bias.detach(), nxt.weight.detach(), nxt.bias.detach(),
                                       torch.rand(n), mean, age, torch.zeros(2, 3), decay, 10)
     torch.testing.assert_close(nxt(h).mean(0), before, rtol=1e-5, atol=1e-5)
     assert float(nxt.weight.detach()[:, chosen].abs().sum()) == 0 and float(cur.bias.detach()[chosen].abs().sum()) == 0
@@ -262,7 +262,7 @@ def test_opcheck_cbp_ops():
 
 
 def test_clarena_baseline_runs():
-    from clfast.reference.cbp_clarena import CLArenaCBP
+    from clfast.baselines.cbp_clarena import CLArenaCBP
 
     net = _net()
     base = CLArenaCBP([("0", net[0], net[2]), ("2", net[2], net[4])], 0.5, 2, 0.9)

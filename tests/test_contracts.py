@@ -13,7 +13,7 @@ from torch import nn
 import clfast
 from clfast import reference
 
-from clfast.testing import needs_native
+from clfast_testing import needs_native
 
 OPS = torch.ops.clfast if clfast.native_available() else None
 
@@ -113,7 +113,7 @@ def test_si_penalty_gradients_of_every_input(backend):
     imp = [(torch.rand(4, 3, generator=g, dtype=torch.float64) + 0.1).requires_grad_()]
     prev = [torch.randn(4, 3, generator=g, dtype=torch.float64).requires_grad_()]
     p = [torch.randn(4, 3, generator=g, dtype=torch.float64).requires_grad_()]
-    clfast._ops.si_penalty(imp, prev, p).backward()
+    clfast.ops.si_penalty(imp, prev, p).backward()
     expected = torch.autograd.grad((imp[0] * (p[0] - prev[0]) ** 2).sum(), [imp[0], prev[0], p[0]])
     for got, want in zip([imp[0].grad, prev[0].grad, p[0].grad], expected):
         torch.testing.assert_close(got, want)
@@ -125,7 +125,7 @@ def test_kron_quadratic_gradients_for_any_factors(backend):
     a = [torch.randn(3, 3, generator=g, dtype=torch.float64).requires_grad_()]
     gg = [torch.randn(2, 2, generator=g, dtype=torch.float64).requires_grad_()]
     v = [torch.randn(2, 3, generator=g, dtype=torch.float64).requires_grad_()]
-    clfast._ops.kron_quadratic(a, gg, v).backward()
+    clfast.ops.kron_quadratic(a, gg, v).backward()
     want = torch.autograd.grad(((gg[0] @ v[0] @ a[0]) * v[0]).sum(), [a[0], gg[0], v[0]])
     for got, w in zip([a[0].grad, gg[0].grad, v[0].grad], want):
         torch.testing.assert_close(got, w)
@@ -162,7 +162,7 @@ def test_aliased_outputs_are_refused(case, backend):
     params, ref = [torch.ones(3), torch.ones(3)], [torch.zeros(3), torch.zeros(3)]
     grads = [omega[0], torch.ones(3)] if case == "output-is-input" else [torch.ones(3), torch.ones(3)]
     with pytest.raises(RuntimeError, match="share memory"):
-        clfast._ops.si_accumulate_(omega, params, ref, grads)
+        clfast.ops.si_accumulate_(omega, params, ref, grads)
     assert torch.equal(buf, torch.zeros(7))
 
 
@@ -187,7 +187,7 @@ def test_unwritable_output_raises_before_anything_is_written(case, backend):
     args = EXPANDED[case](torch.randn(1, generator=g).expand(4), t)
     before = copy.deepcopy([a for a in args if isinstance(a, list)])
     with pytest.raises(RuntimeError, match="cannot be written"):
-        getattr(clfast._ops, case.split("/")[0])(*args) if case.startswith("si_") else \
+        getattr(clfast.ops, case.split("/")[0])(*args) if case.startswith("si_") else \
             getattr(OPS if backend == "native" else reference, case.split("/")[0])(*args)
     for now, was in zip([a for a in args if isinstance(a, list)], before):
         for x, y in zip(now, was):
@@ -267,7 +267,7 @@ def test_sgd_with_si_and_untracked_parameters_steps_every_bucket(backend):
 def test_adam_bias_corrections_out_of_range_are_refused(backend, bc1, bc2):
     p, g, m, v = [torch.ones(3)], [torch.ones(3)], [torch.zeros(3)], [torch.zeros(3)]
     with pytest.raises(RuntimeError, match="bias_correction"):
-        clfast._ops.adam_si_step_(p, g, m, v, [], lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0,
+        clfast.ops.adam_si_step_(p, g, m, v, [], lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0,
                                   bias_correction1=bc1, bias_correction2=bc2)
     assert torch.equal(p[0], torch.ones(3)) and torch.equal(m[0], torch.zeros(3))
 
@@ -411,7 +411,7 @@ def test_si_state_dict_loads_strictly_into_a_hypnettorch_module(backend, finish)
 
 def test_databuffer_keeps_the_seed_notebooks_items_under_the_same_random_seed():
     import random
-    from clfast.reference.buffer import ListDataBuffer
+    from clfast.baselines.buffer import ListDataBuffer
     items = [(torch.full((3,), float(i)), torch.tensor(i % 7)) for i in range(300)]
     random.seed(123)
     seed = ListDataBuffer(40)

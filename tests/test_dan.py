@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 import clfast
-from clfast import _ops
+from clfast import ops as _ops
 from clfast.nn.dan import PARAMS, STATS
-from clfast.reference import dan as seed
-from clfast.testing import device_params, needs_native
+from clfast.baselines import dan as seed
+from clfast_testing import device_params, needs_native
 
 ACTS = {"identity": nn.Identity, "tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "gelu": nn.GELU,
         "gelu_tanh": lambda: nn.GELU(approximate="tanh")}

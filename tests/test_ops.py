@@ -7,7 +7,7 @@ import torch
 
 from op_registry import OPS, assert_same, clone_args, snapshot, tensors_of, unchanged
 
-from clfast.testing import device_params, needs_native
+from clfast_testing import device_params, needs_native
 
 DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.float64, id="float64")]
 OP_PARAMS = [pytest.param(op, id=op.name) for op in OPS]

@@ -7,9 +7,9 @@ from torch import nn
 
 import clfast
 from clfast import reference
-from clfast.reference import si_hypnettorch as seed
+from clfast.baselines import si_hypnettorch as seed
 
-from clfast.testing import device_params, needs_native
+from clfast_testing import device_params, needs_native
 from test_si import SHAPES, _clone, _close, _mlp, _rand, _tasks
 
 SGD_CONFIGS = [dict(), dict(momentum=0.9), dict(momentum=0.9, nesterov=True, weight_decay=1e-3),

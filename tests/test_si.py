@@ -7,11 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import clfast
-from clfast import _ops, reference
+from clfast import ops, reference
 from clfast import si as csi
-from clfast.reference import si_hypnettorch as seed
+from clfast.baselines import si_hypnettorch as seed
 
-from clfast.testing import device_params, needs_native
+from clfast_testing import device_params, needs_native
 
 SHAPES = {
     "mixed": [(7, 5), (13,), (3, 4, 5), (1,)],
@@ -287,7 +287,7 @@ def test_op_rejects_mismatched_state_and_leaves_it_untouched(backend, bad):
         ref = ref[:-1]
         msg = "'ref' has 3 tensors but 'params' has 4"
     with pytest.raises(RuntimeError, match=msg):
-        _ops.si_accumulate_(omega, params, ref, grads)
+        ops.si_accumulate_(omega, params, ref, grads)
     for o, b in zip(omega, before):
         assert torch.equal(o, b)
 

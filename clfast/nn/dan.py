@@ -26,8 +26,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .. import _ops
-from ..reference import dan as _seed
+from .. import ops
 
 __all__ = ["Neuron", "DANLayer", "DAN", "VECDAN", "activation_code"]
 
@@ -157,8 +156,8 @@ class _Stacked(nn.Module):
             reason = f"activation {type(self.act_fn).__name__}" if code is None else "momentum=None"
             _warn_once(reason, f"clfast.nn: no fused DAN kernel for {reason}; those layers run on the pure-torch "
                                "reference (same numbers, slower)")
-            return _seed.dan_layer(x, *params, *stats, self.training, self.momentum, self.eps, self.act_fn)
-        return _ops.dan_layer(x, params, stats, self.training, self.momentum, self.eps, code)
+            return ops.dan_layer(x, params, stats, self.training, self.momentum, self.eps, self.act_fn)
+        return ops.dan_layer(x, params, stats, self.training, self.momentum, self.eps, code)
 
 
 class DANLayer(_Stacked):
@@ -203,13 +202,14 @@ class DANLayer(_Stacked):
 
     @classmethod
     def from_reference(cls, layer: nn.Module, memo: Optional[dict] = None) -> "DANLayer":
-        """A DANLayer with the parameters and BatchNorm state of a seed ``DANLayer`` (``clfast.reference.dan``
+        """A DANLayer with the parameters and BatchNorm state of a seed ``DANLayer`` (``clfast.baselines.dan``
         or the notebook's own class). The activation module is copied (``memo``: ``copy.deepcopy``'s, to share
         one copy between layers)."""
         return _convert_from(DANLayer, layer, list(layer.neurons), memo)
 
-    def to_reference(self, memo: Optional[dict] = None) -> _seed.DANLayer:
-        """The seed's ``DANLayer`` (``clfast.reference.dan``) with this layer's parameters and BatchNorm state."""
+    def to_reference(self, memo: Optional[dict] = None) -> "nn.Module":
+        """The seed's ``DANLayer`` (``clfast.baselines.dan``) with this layer's parameters and BatchNorm state."""
+        from ..baselines import dan as _seed  # the seed's module layout: loaded only to convert to it
         with torch.random.fork_rng(devices=[]):  # its throw-away initialisation leaves the global RNG alone
             ref = _seed.DANLayer(self._n, self._ni, self.n_nf, self.n_nout_ni, bias=self.bias1 is not None,
                                  act_fn=copy.deepcopy(self.act_fn, memo))
@@ -306,8 +306,9 @@ class Neuron(DANLayer):
         """A Neuron with the parameters and BatchNorm state of a seed ``Neuron``."""
         return _convert_from(Neuron, neuron, [neuron], memo)
 
-    def to_reference(self, memo: Optional[dict] = None) -> _seed.Neuron:
+    def to_reference(self, memo: Optional[dict] = None) -> "nn.Module":
         """The seed's ``Neuron`` with this neuron's parameters and BatchNorm state."""
+        from ..baselines import dan as _seed  # the seed's module layout: loaded only to convert to it
         with torch.random.fork_rng(devices=[]):
             ref = _seed.Neuron(self._ni, self.n_nf, self.n_nout_ni, bias=self.bias1 is not None,
                                act_fn=copy.deepcopy(self.act_fn, memo))
@@ -337,8 +338,9 @@ class DAN(nn.Module):
             setattr(new, name, DANLayer.from_reference(getattr(dan, name), memo))
         return new.train(dan.training)
 
-    def to_reference(self) -> _seed.DAN:
-        """The seed's ``DAN`` (``clfast.reference.dan``) with this DAN's parameters and BatchNorm state."""
+    def to_reference(self) -> "nn.Module":
+        """The seed's ``DAN`` (``clfast.baselines.dan``) with this DAN's parameters and BatchNorm state."""
+        from ..baselines import dan as _seed  # the seed's module layout: loaded only to convert to it
         ref = _seed.DAN.__new__(_seed.DAN)
         nn.Module.__init__(ref)
         memo: dict = {}

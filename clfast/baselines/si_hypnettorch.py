@@ -4,17 +4,12 @@ module buffers under the original names, a fresh pre-step clone every step. This
 is tested and benchmarked against; use clfast.si in real code."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-
-def si_buffer_names(param_id: int, params_name: Optional[str] = None) -> Tuple[str, str, str, str]:
-    """Buffer names of (Omega, theta_prev, running omega, theta_pre_step) for parameter ``param_id``."""
-    group = "" if params_name is None else f"_{params_name}"
-    return (f"si_omega{group}_weights_{param_id}", f"si_prev_theta{group}_weights_{param_id}",
-            f"si_running_omega{group}_weights_{param_id}", f"si_pre_step_theta{group}_weights_{param_id}")
+from ..si import si_buffer_names
 
 
 def si_pre_optim_step(net: nn.Module, params: Sequence[Tensor], params_name: Optional[str] = None,

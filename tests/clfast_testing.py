@@ -4,8 +4,8 @@ from typing import Optional
 import pytest
 import torch
 
-from ._ops import backend as backend_name
-from ._ops import native_available, set_backend
+from clfast.ops import backend as backend_name
+from clfast.ops import native_available, set_backend
 
 needs_native = pytest.mark.skipif(not native_available(), reason="native extension not built")
 
