@@ -23,6 +23,9 @@ def dan_layer(x: Tensor, params: Sequence[Optional[Tensor]], stats: Sequence[Ten
     return reference.dan_layer(x, *params, *stats, bool(training), momentum, float(eps), act)
 
 
+# dan_layer_forward's saved tensors, in its schema's order (csrc/dan/dan.h: DanSaved).
+SAVED = ("u1", "s1", "u2", "z2", "a2", "Weff1", "Weff2", "mean1", "var1", "mean2", "var2")
+
 if native_available():
 
     @torch.library.register_fake("clfast::dan_layer_forward")
@@ -33,9 +36,10 @@ if native_available():
         g = n if x.dim() == 3 else 1
         z1 = x.new_empty((n, batch, nf) if x.dim() == 3 else (batch, n * nf))
         z2 = x.new_empty((n, batch, nf) if act in (4, 5) else (0,))  # kept for GELU's backward only
-        saved = [x.new_empty(x.shape if training else (0,)), z1, x.new_empty((n, batch, nf)), z2,
-                 x.new_empty((n, batch, nf)), x.new_empty((n, nf, ni)),
-                 x.new_empty((n, nf, nf)), stats(g * ni), stats(g * ni), stats(n * nf), stats(n * nf)]
+        saved = dict(u1=x.new_empty(x.shape if training else (0,)), s1=z1, u2=x.new_empty((n, batch, nf)), z2=z2,
+                     a2=x.new_empty((n, batch, nf)), Weff1=x.new_empty((n, nf, ni)), Weff2=x.new_empty((n, nf, nf)),
+                     mean1=stats(g * ni), var1=stats(g * ni), mean2=stats(n * nf), var2=stats(n * nf))
+        saved = [saved[name] for name in SAVED]
         return x.new_empty((batch, n * no)), saved
 
     @torch.library.register_fake("clfast::dan_layer_backward")

@@ -53,6 +53,10 @@ using dan_detail::present;
 
 OptT opt(const at::Tensor& t) { return t.defined() ? OptT(t) : std::nullopt; }
 
+// dan_layer_backward's tensor arguments saved by the autograd function before the forward's DanSaved tensors:
+// x (eval mode), bn1_weight, bn1_bias, weight1, bn2_weight, bn2_bias, weight2, weight3, the 4 running statistics.
+constexpr int kBackwardInputs = 12;
+
 struct DanLayerFunction : public torch::autograd::Function<DanLayerFunction> {
   // Returns {out, saved...}; the saved tensors are outputs too (for dan_bn_update_), never differentiated.
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& g1, const at::Tensor& b1,
@@ -62,10 +66,12 @@ struct DanLayerFunction : public torch::autograd::Function<DanLayerFunction> {
                                int64_t act) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, saved] = call_forward(x, g1, b1, W1, c1, g2, b2, W2, c2, W3, c3, rm1, rv1, rm2, rv2, eps, act);
-    // In train mode the backward reads the normalised input saved[0], not x: x is not kept alive.
+    // The backward's inputs, then the forward's saved tensors. In train mode the backward reads the normalised
+    // input u1, not x: x is not kept alive.
     const bool training = !present(rm1);
     variable_list to_save = {training ? at::Tensor() : x, g1, b1, W1, g2, b2, W2, W3, rm1.value_or(at::Tensor()),
                              rv1.value_or(at::Tensor()), rm2.value_or(at::Tensor()), rv2.value_or(at::Tensor())};
+    static_assert(kBackwardInputs == 12, "the inputs saved above");
     to_save.insert(to_save.end(), saved.begin(), saved.end());
     ctx->save_for_backward(to_save);
     ctx->saved_data["eps"] = eps;
@@ -79,23 +85,20 @@ struct DanLayerFunction : public torch::autograd::Function<DanLayerFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list result(17);  // one per forward argument
+    variable_list result(17);  // one per forward argument; dan_layer_backward returns the first 11 in order
     if (!grads[0].defined()) return result;
     const variable_list s = ctx->get_saved_variables();
-    const std::vector<at::Tensor> saved(s.begin() + 12, s.end());
+    const std::vector<at::Tensor> saved(s.begin() + kBackwardInputs, s.end());
     const bool input_grad = ctx->needs_input_grad(0);
-    const at::Tensor& x = s[0].defined() ? s[0] : saved[0];  // only shape, dtype and device are read in train mode
+    const at::Tensor& x = s[0].defined() ? s[0] : DanSaved::from(saved).u1;  // train mode: only its metadata
     const auto g = call_backward(grads[0], x, s[1], s[2], s[3], s[4], s[5], s[6], s[7], opt(s[8]), opt(s[9]),
                                  opt(s[10]), opt(s[11]), saved, ctx->saved_data["eps"].toDouble(),
                                  ctx->saved_data["act"].toInt(), input_grad);
     const auto biases = ctx->saved_data["biases"].toBoolList();
-    if (input_grad) result[0] = g[0];
-    for (int i = 1; i <= 3; ++i) result[i] = g[i];                 // bn1_weight, bn1_bias, weight1
-    if (biases[0]) result[4] = g[4];
-    for (int i = 5; i <= 7; ++i) result[i] = g[i];                 // bn2_weight, bn2_bias, weight2
-    if (biases[1]) result[8] = g[8];
-    result[9] = g[9];                                              // weight3
-    if (biases[2]) result[10] = g[10];
+    for (int i = 0; i < 11; ++i) {
+      const bool wanted = i == 0 ? input_grad : i == 4 ? biases[0] : i == 8 ? biases[1] : i == 10 ? biases[2] : true;
+      if (wanted) result[i] = g[i];  // x, bn1_weight, bn1_bias, weight1, bias1, ..., weight3, bias3
+    }
     return result;
   }
 };
@@ -128,7 +131,8 @@ at::Tensor dan_layer(const at::Tensor& x, const at::Tensor& g1, const at::Tensor
   if (!training) return std::get<0>(call_forward(x, g1, b1, W1, c1, g2, b2, W2, c2, W3, c3, rm1, rv1, rm2, rv2, eps, act));
   auto [out, saved] = call_forward(x, g1, b1, W1, c1, g2, b2, W2, c2, W3, c3, std::nullopt, std::nullopt,
                                    std::nullopt, std::nullopt, eps, act);
-  call_bn_update(rm1, rv1, nb1, rm2, rv2, nb2, saved[7], saved[8], saved[9], saved[10], momentum, x.size(-2));
+  const DanSaved sv = DanSaved::from(saved);
+  call_bn_update(rm1, rv1, nb1, rm2, rv2, nb2, sv.mean1, sv.var1, sv.mean2, sv.var2, momentum, x.size(-2));
   return out;
 }
 

@@ -133,6 +133,24 @@ inline void check_bn_batch(int64_t batch) {
 
 }  // namespace dan_detail
 
+// The tensors dan_layer_forward returns for its backward, in the schema's order (clfast/ops/dan.py's fake kernel
+// lists the same names): u1 the normalised input (train mode; empty in eval mode, where x is kept), s1 what the
+// first activation's backward differentiates from (a1, or z1 for GELU), u2 the second BatchNorm's normalised
+// input, z2 the second pre-activation (GELU only), a2 the second activation, Weff1 / Weff2 the folded weights,
+// and the two BatchNorms' batch means and biased variances (train mode only).
+struct DanSaved {
+  at::Tensor u1, s1, u2, z2, a2, Weff1, Weff2, mean1, var1, mean2, var2;
+  static constexpr int kCount = 11;
+  static constexpr const char* kNames[kCount] = {"u1",    "s1",    "u2",   "z2",    "a2",  "Weff1",
+                                                 "Weff2", "mean1", "var1", "mean2", "var2"};
+  std::vector<at::Tensor> list() const { return {u1, s1, u2, z2, a2, Weff1, Weff2, mean1, var1, mean2, var2}; }
+  static DanSaved from(at::TensorList t) {
+    TORCH_CHECK(t.size() == kCount, "clfast.dan_layer_backward: expected the ", kCount,
+                " tensors saved by the forward, got ", t.size());
+    return {t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], t[9], t[10]};
+  }
+};
+
 // dan_bn_update_'s launch arguments: both BatchNorms of a layer, validated by the front (csrc/dan/dan.cpp).
 struct DanBnUpdate {
   struct One {
@@ -226,11 +244,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dan_layer_forward_impl(
   at::Tensor out = at::empty({B, N * d.no}, opts);
   K::gemm(out.view({B, N, d.no}).transpose(0, 1), contig(c3_), a2, W3.transpose(1, 2));
   const bool gelu = needs_input(act);
-  return {out, {training ? u1 : none(), z1, u2, gelu ? z2 : none(), a2, Weff1, Weff2, mean1, var1, mean2, var2}};
+  return {out, DanSaved{training ? u1 : none(), z1, u2, gelu ? z2 : none(), a2, Weff1, Weff2, mean1, var1, mean2,
+                        var2}.list()};
 }
 
 // Backward of dan_layer_forward from its saved tensors. Returns {dx, dbn1_weight, dbn1_bias, dweight1, dbias1,
-// dbn2_weight, dbn2_bias, dweight2, dbias2, dweight3, dbias3}; dx is empty when !input_grad.
+// dbn2_weight, dbn2_bias, dweight2, dbias2, dweight3, dbias3}: the gradient of forward argument i at index i (dx
+// empty when !input_grad).
 template <typename K>
 std::vector<at::Tensor> dan_layer_backward_impl(
     const at::Tensor& grad_out, const at::Tensor& x_, const at::Tensor& g1_, const at::Tensor& b1_,
@@ -241,8 +261,7 @@ std::vector<at::Tensor> dan_layer_backward_impl(
   using namespace dan_detail;
   const Dims d = check_layer(x_, g1_, b1_, W1_, std::nullopt, g2_, b2_, W2_, std::nullopt, W3_, std::nullopt, rm1_,
                              rv1_, rm2_, rv2_, act, eps);
-  TORCH_CHECK(saved.size() == 11, "clfast.dan_layer_backward: expected the 11 tensors saved by the forward, got ",
-              saved.size());
+  const DanSaved sv = DanSaved::from(saved);
   const int64_t N = d.N, nf = d.nf, ni = d.ni, no = d.no, B = d.B, G1 = d.G1();
   TORCH_CHECK(grad_out.numel() == B * N * no, "clfast.dan_layer_backward: grad_out must have ", B * N * no,
               " elements, got ", grad_out.sizes());
@@ -259,16 +278,17 @@ std::vector<at::Tensor> dan_layer_backward_impl(
     for (size_t i = 0; i < shapes.size(); ++i)
       TORCH_CHECK(saved[i].sizes() == at::IntArrayRef(shapes[i]) && saved[i].is_contiguous() &&
                       saved[i].scalar_type() == x_.scalar_type() && saved[i].device() == x_.device(),
-                  "clfast.dan_layer_backward: saved[", i, "] is not what dan_layer_forward saved (expected a "
+                  "clfast.dan_layer_backward: saved[", i, "] (", DanSaved::kNames[i],
+                  ") is not what dan_layer_forward saved (expected a "
                   "contiguous ", x_.scalar_type(), " tensor of shape ", at::IntArrayRef(shapes[i]), " on ", x_.device(),
                   ", got ", saved[i].sizes(), ")");
   }
   const at::Tensor W1 = contig(W1_), W2 = contig(W2_), W3 = contig(W3_);
   const at::Tensor rm1 = contig(rm1_), rv1 = contig(rv1_), rm2 = contig(rm2_), rv2 = contig(rv2_);
-  const at::Tensor u1 = training ? saved[0] : contig(x_);
-  const at::Tensor &s1 = saved[1], &u2 = saved[2], &a2 = saved[4], &Weff1 = saved[5], &Weff2 = saved[6],
-                   &var1 = saved[8], &var2 = saved[10];
-  const at::Tensor& s2 = needs_input(act) ? saved[3] : a2;
+  const at::Tensor u1 = training ? sv.u1 : contig(x_);
+  const at::Tensor &s1 = sv.s1, &u2 = sv.u2, &a2 = sv.a2, &Weff1 = sv.Weff1, &Weff2 = sv.Weff2, &var1 = sv.var1,
+                   &var2 = sv.var2;
+  const at::Tensor& s2 = needs_input(act) ? sv.z2 : a2;
   const auto opts = u1.options();
   const at::Tensor none = at::empty({0}, opts), undefined;
 
