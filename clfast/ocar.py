@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .buffer import ReservoirBuffer
-from .ewc import EWC, _representations, fim, layer_params
+from ._nngeometry import Layers, fim, pmat_classes
 
 __all__ = ["OCAR"]
 
@@ -70,8 +70,8 @@ class OCAR:
         self.model, self.buffer, self.optimizer = model, buffer, optimizer
         self.representation, self.damping, self.fisher = representation, float(damping), fisher
         self.ema_decay, self.refresh, self.loss_fn, self.generator = float(ema_decay), int(refresh), loss_fn, generator
-        # the layer collection, BatchNorm check and parameter order are EWC's
-        self._ewc = EWC(model, representation)
+        self.layers = Layers(model, None, "OCAR" if representation != "kfac" else "OCAR('kfac')",
+                             kronecker=representation == "kfac")
         self.steps = 0
         self.factors: Dict[str, List[Tensor]] = {}   # layer id -> [A, G] (ema mode)
         self._inverses: Optional[Tuple[List[Tensor], List[Tensor]]] = None
@@ -80,7 +80,7 @@ class OCAR:
         self._inputs: Dict[str, Tensor] = {}
         self._outputs: Dict[str, Tensor] = {}
         if fisher == "ema":
-            for lid, mod in self._ewc._modules.items():
+            for lid, mod in self.layers.modules.items():
                 self._hooks.append(mod.register_forward_hook(self._capture(lid)))
 
     def _capture(self, lid: str):
@@ -153,22 +153,22 @@ class OCAR:
     def precondition_(self, x: Optional[Tensor] = None, y: Optional[Tensor] = None) -> None:
         """Replace the parameters' ``.grad`` by ``(F + damping I)^{-1} .grad``; exact mode computes ``F`` on
         ``(x, y)``, ema mode uses the running factors."""
-        params = self._ewc.parameters()
+        params = self.layers.parameters()
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         if self.fisher == "ema":
             if self._inverses is None or self.steps % self.refresh == 0:
-                self._invert([self.factors[lid] for lid in self._ewc._modules])
+                self._invert([self.factors[lid] for lid in self.layers.modules])
             self._apply_kfac(*self._inverses)
             return
         if x is None:
             raise ValueError("OCAR.precondition_: exact mode needs the batch (x, y) the Fisher is computed on")
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(x))
-        fisher = fim(self.model, loader, _representations()[self.representation], "classif_logits", x.device,
-                     self._ewc.layer_collection)
+        fisher = fim(self.model, loader, pmat_classes()[self.representation], "classif_logits", x.device,
+                     self.layers.collection)
         if self.representation == "kfac":
-            self._invert([fisher.data[lid] for lid in self._ewc._modules])
+            self._invert([fisher.data[lid] for lid in self.layers.modules])
             self._apply_kfac(*self._inverses)
             return
         with torch.no_grad():
@@ -189,7 +189,7 @@ class OCAR:
     @torch.no_grad()
     def _apply_kfac(self, a_inv: List[Tensor], g_inv: List[Tensor]) -> None:
         blocks, slots = [], []
-        for lid, w, b in layer_params(self._ewc.layer_collection, self._ewc._modules):
+        for lid, w, b in self.layers:
             gw = w.grad.reshape(w.shape[0], -1)
             blocks.append(torch.cat([gw, b.grad[:, None]], 1) if b is not None else gw)
             slots.append((w, b))
@@ -203,7 +203,7 @@ class OCAR:
     @torch.no_grad()
     def _batch_factors(self, lid: str, x: Tensor, gy: Tensor, n_out: int) -> Tuple[Tensor, Tensor]:
         """nngeometry's KFAC factors of one batch: A = sqrt(K) sum x x^T / n, G = sum g g^T / (sqrt(K) n)."""
-        mod = self._ewc._modules[lid]
+        mod = self.layers.modules[lid]
         n = x.shape[0]
         if isinstance(mod, nn.Conv2d):
             cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
@@ -225,7 +225,7 @@ class OCAR:
             except RuntimeError as exc:  # multinomial checks its input anyway: no extra sync to find out
                 raise FloatingPointError("OCAR: the model's outputs are not finite (training diverged); lower the "
                                          "learning rate or raise damping") from exc
-        lids = list(self._ewc._modules)
+        lids = list(self.layers.modules)
         mc_loss = F.cross_entropy(out, sampled, reduction="sum")
         gys = torch.autograd.grad(mc_loss, [self._outputs[lid] for lid in lids], retain_graph=True)
         n_out = out.shape[1] - 1  # nngeometry's whitened outputs for classif_logits

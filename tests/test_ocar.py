@@ -42,7 +42,7 @@ def test_exact_mode_equals_nngeometry_solve(backend, rep, kind):
     fisher = FIM(model, loader, REPS[rep], variant="classif_logits", device="cpu")
     expected = fisher.solve(PVector.from_model_grad(model), regul=1e-2).to_torch()
     ocar.precondition_(x, y)
-    got = torch.cat([p.grad.reshape(-1) for p in ocar._ewc.parameters()])
+    got = torch.cat([p.grad.reshape(-1) for p in ocar.layers.parameters()])
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 
 

@@ -1,0 +1,249 @@
+"""The glue between clfast and nngeometry 0.4, shared by :class:`clfast.EWC` and :class:`clfast.OCAR`: the layer
+collection of a model with the modules behind it (:class:`Layers`, which also checks that nngeometry covers the
+model), the robust ``FIM`` call (:func:`fim`), and one class per Fisher representation holding how a Fisher of that
+kind becomes clfast's fused penalty and its gradient (:data:`REPRESENTATIONS`)."""
+from __future__ import annotations
+
+from typing import Dict, Iterator, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+
+
+def pmat_classes() -> Dict[str, type]:
+    from nngeometry.object import PMatBlockDiag, PMatDense, PMatDiag, PMatEKFAC, PMatKFAC
+
+    return {"diag": PMatDiag, "kfac": PMatKFAC, "dense": PMatDense, "blockdiag": PMatBlockDiag, "ekfac": PMatEKFAC}
+
+
+def representation_name(representation: Union[str, type]) -> str:
+    """``"diag"``, ... from a name or an nngeometry ``PMat*`` class."""
+    classes = pmat_classes()
+    if isinstance(representation, str):
+        if representation not in classes:
+            raise ValueError(f"representation must be one of {sorted(classes)} or an nngeometry PMat class, got "
+                             f"{representation!r}")
+        return representation
+    names = {cls: name for name, cls in classes.items()}
+    if representation not in names:
+        raise ValueError(f"unsupported representation {representation!r}; use one of {sorted(classes)}")
+    return names[representation]
+
+
+def fim(model: nn.Module, loader, representation, variant: str, device, layer_collection):
+    """nngeometry's ``FIM``, with its ``classif_logits`` whitening made robust: for a confident model
+    ``1 - cumsum(softmax)`` can round below zero and nngeometry's square root then gives NaN. The same
+    whitening with those roundings clamped at 0 is passed as a ``regression`` function, which gives
+    nngeometry's Fisher wherever that is finite."""
+    from nngeometry.metrics import FIM
+
+    if variant != "classif_logits":
+        return FIM(model, loader, representation, variant=variant, device=device, layer_collection=layer_collection)
+
+    def whitened(*d):
+        logits = model(d[0].to(device))
+        p = torch.softmax(logits, dim=1).detach()
+        q = (1 - p.cumsum(dim=1)).clamp_min(0)
+        prev = torch.cat([torch.ones_like(q[:, :1]), q[:, :-2]], dim=1)
+        scale = (p[:, :-1] * q[:, :-1] / prev.clamp_min(torch.finfo(p.dtype).tiny)).clamp_min(0)
+        tri = torch.tril(torch.ones(logits.shape[1], logits.shape[1], device=logits.device), diagonal=-1)
+        x_p = torch.mm(logits * p, tri)[:, :-1] / (q[:, :-1] + torch.finfo().eps)
+        return (logits[:, :-1] - x_p) * scale ** 0.5
+
+    return FIM(model, loader, representation, variant="regression", device=device, function=whitened,
+               layer_collection=layer_collection)
+
+
+class Layers:
+    """nngeometry's layer collection of ``model`` and the module behind each layer id.
+
+    Without an explicit ``layer_collection`` every trainable parameter must be covered (nngeometry silently skips
+    modules it does not know, e.g. clfast.nn.DAN); ``kronecker=True`` refuses BatchNorm layers, which have no
+    Kronecker factors in nngeometry."""
+
+    def __init__(self, model: nn.Module, layer_collection=None, who: str = "EWC", kronecker: bool = False) -> None:
+        from nngeometry.layercollection import BatchNorm1dLayer, BatchNorm2dLayer, LayerCollection
+
+        self.model = model
+        try:
+            self.collection = layer_collection or LayerCollection.from_model(model)
+        except Exception as exc:
+            raise ValueError(f"{who}: nngeometry cannot handle this model ({exc}); pass a layer_collection of the "
+                             "supported layers") from exc
+        self.modules: Dict[str, nn.Module] = self.collection.get_layerid_module_maps(model)[0]
+        if layer_collection is None:
+            covered = {id(p) for mod in self.modules.values() for p in mod.parameters(recurse=False)}
+            missed = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+            if missed:
+                raise ValueError(f"{who}: nngeometry's Fisher does not cover {len(missed)} parameter(s) of this model "
+                                 f"({', '.join(missed[:4])}{', ...' if len(missed) > 4 else ''}): it knows Linear, "
+                                 "Conv2d and BatchNorm layers only. Pass layer_collection= to regularise a subset "
+                                 "explicitly, or use a method without a Fisher (si, replay).")
+        if kronecker:
+            for lid, layer in self.collection.layers.items():
+                if isinstance(layer, (BatchNorm1dLayer, BatchNorm2dLayer)):
+                    raise ValueError(
+                        f"{who}: nngeometry has no Kronecker factors for BatchNorm layer '{lid}'. Use "
+                        "representation='diag' or 'blockdiag', or pass layer_collection= without it "
+                        "(LayerCollection().add_layer_from_model(model, module) for each other layer).")
+
+    def __iter__(self) -> Iterator[Tuple[str, Tensor, Optional[Tensor]]]:
+        """(layer id, weight, bias or None) in nngeometry's parameter order."""
+        for lid, layer in self.collection.layers.items():
+            mod = self.modules[lid]
+            has_bias = getattr(layer, "bias", None) is not None or "BatchNorm" in type(layer).__name__
+            yield lid, mod.weight, (mod.bias if has_bias else None)
+
+    def parameters(self) -> List[Tensor]:
+        out = []
+        for _, w, b in self:
+            out += [w] + ([b] if b is not None else [])
+        return out
+
+    def covers_model(self) -> bool:
+        return len(self.parameters()) == len(list(self.model.parameters()))
+
+    def pvector(self, tensors: List[Tensor]):
+        """An nngeometry ``PVector`` of tensors in :meth:`parameters` order."""
+        from nngeometry.object import PVector
+
+        out, it = {}, iter(tensors)
+        for lid, _, b in self:
+            out[lid] = (next(it),) + ((next(it),) if b is not None else ())
+        return PVector(self.collection, dict_repr=out)
+
+    def matrices(self, tensors: List[Tensor]) -> List[Tensor]:
+        """Per layer, ``[out, in]`` weight (``[out, in + 1]`` with the bias as the last column): KFAC's layout."""
+        out, it = [], iter(tensors)
+        for _, w, b in self:
+            wm = next(it).reshape(w.shape[0], -1)
+            out.append(torch.cat([wm, next(it)[:, None]], 1) if b is not None else wm)
+        return out
+
+    def scatter(self, blocks: List[Tensor], grads: List[Tensor]) -> None:
+        """Add per-layer ``[out, in(+1)]`` blocks into the weight and bias gradients."""
+        it = iter(grads)
+        for (_, _, b), block in zip(self, blocks):
+            gw = next(it)
+            gw.add_(block[:, :gw[0].numel()].reshape(gw.shape))
+            if b is not None:
+                next(it).add_(block[:, -1])
+
+
+# ---- representations: a task's Fisher as the tensors of the fused penalty ------------------------------------------
+# Each class turns one consolidated Fisher (with its coefficient c_t and anchor theta_t) into the tensors the fused
+# ops read (prepare), and evaluates sum_t c_t (theta - theta_t)^T F_t (theta - theta_t) over all tasks (penalty) and
+# adds strength times its gradient into .grad (add_penalty_grad).
+
+
+class DiagFisher:
+    """SI's weighted squared distance: ``si_penalty`` / ``si_penalty_grad_`` with the diagonal as importance."""
+
+    @staticmethod
+    def prepare(layers: Layers, fisher, coef: float, anchor: List[Tensor]) -> dict:
+        sizes = [p.numel() for p in anchor]
+        return {"importance": [coef * d.view_as(p) for d, p in zip(torch.split(fisher.data, sizes), anchor)],
+                "anchor": anchor}
+
+    @staticmethod
+    def penalty(layers: Layers, tasks: List[dict], params: List[Tensor]) -> Tensor:
+        return ops.si_penalty([t for f in tasks for t in f["importance"]], [t for f in tasks for t in f["anchor"]],
+                              params * len(tasks))
+
+    @staticmethod
+    def add_penalty_grad(layers: Layers, tasks: List[dict], params: List[Tensor], grads: List[Tensor],
+                         strength: float) -> None:
+        detached = [p.detach() for p in params]
+        for f in tasks:
+            ops.si_penalty_grad_(grads, f["importance"], f["anchor"], detached, strength)
+
+
+class KFACFisher:
+    """``<G V A, V>`` per layer on ``kron_quadratic``, its gradient on ``kron_mv``."""
+
+    @staticmethod
+    def prepare(layers: Layers, fisher, coef: float, anchor: List[Tensor]) -> dict:
+        a = [fisher.data[lid][0] for lid, _, _ in layers]
+        g = [coef * fisher.data[lid][1] for lid, _, _ in layers]
+        return {"a": a, "g": g, "anchor": layers.matrices(anchor)}
+
+    @staticmethod
+    def _blocks(layers: Layers, tasks: List[dict], params: List[Tensor]):
+        mats = layers.matrices(params)
+        a, g, v = [], [], []
+        for f in tasks:
+            a += f["a"]
+            g += f["g"]
+            v += [m - ref for m, ref in zip(mats, f["anchor"])]
+        return a, g, v
+
+    @classmethod
+    def penalty(cls, layers: Layers, tasks: List[dict], params: List[Tensor]) -> Tensor:
+        return ops.kron_quadratic(*cls._blocks(layers, tasks, params))
+
+    @classmethod
+    def add_penalty_grad(cls, layers: Layers, tasks: List[dict], params: List[Tensor], grads: List[Tensor],
+                         strength: float) -> None:
+        a, g, v = cls._blocks(layers, tasks, [p.detach() for p in params])
+        blocks = ops.kron_mv(params[0].new_tensor(2.0 * strength), a, g, v)
+        per_task = len(blocks) // len(tasks)
+        for t in range(len(tasks)):
+            layers.scatter(blocks[t * per_task:(t + 1) * per_task], grads)
+
+
+class DenseFisher:
+    """The whole ``[P, P]`` Fisher as one 1x1-factored ``kron_quadratic`` block."""
+
+    @staticmethod
+    def prepare(layers: Layers, fisher, coef: float, anchor: List[Tensor]) -> dict:
+        return {"g": coef * fisher.data, "anchor": torch.cat([p.reshape(-1) for p in anchor])}
+
+    @staticmethod
+    def _blocks(tasks: List[dict], params: List[Tensor]):
+        flat = torch.cat([p.reshape(-1) for p in params])
+        ones = params[0].new_ones(1, 1)
+        return [ones] * len(tasks), [f["g"] for f in tasks], [(flat - f["anchor"])[:, None] for f in tasks]
+
+    @classmethod
+    def penalty(cls, layers: Layers, tasks: List[dict], params: List[Tensor]) -> Tensor:
+        return ops.kron_quadratic(*cls._blocks(tasks, params))
+
+    @classmethod
+    def add_penalty_grad(cls, layers: Layers, tasks: List[dict], params: List[Tensor], grads: List[Tensor],
+                         strength: float) -> None:
+        blocks = ops.kron_mv(params[0].new_tensor(2.0 * strength), *cls._blocks(tasks, [p.detach() for p in params]))
+        for block in blocks:
+            for grad, part in zip(grads, torch.split(block.view(-1), [g.numel() for g in grads])):
+                grad.add_(part.view_as(grad))
+
+
+class NNGeometryFisher:
+    """Block-diagonal and EKFAC Fishers: nngeometry's own ``vTMv``, differentiated by autograd."""
+
+    @staticmethod
+    def prepare(layers: Layers, fisher, coef: float, anchor: List[Tensor]) -> dict:
+        return {"fisher": fisher, "coef": coef, "anchor": anchor}
+
+    @staticmethod
+    def penalty(layers: Layers, tasks: List[dict], params: List[Tensor]) -> Tensor:
+        from nngeometry.object import PVector
+
+        current = PVector.from_model(layers.model) if layers.covers_model() else layers.pvector(params)
+        total = params[0].new_zeros(())
+        for f in tasks:
+            total = total + f["coef"] * f["fisher"].vTMv(current - layers.pvector(f["anchor"]))
+        return total
+
+    @classmethod
+    def add_penalty_grad(cls, layers: Layers, tasks: List[dict], params: List[Tensor], grads: List[Tensor],
+                         strength: float) -> None:
+        with torch.enable_grad():
+            penalty_grads = torch.autograd.grad(strength * cls.penalty(layers, tasks, params), params)
+        for grad, pg in zip(grads, penalty_grads):
+            grad.add_(pg)
+
+
+REPRESENTATIONS = {"diag": DiagFisher, "kfac": KFACFisher, "dense": DenseFisher, "blockdiag": NNGeometryFisher,
+                   "ekfac": NNGeometryFisher}
