@@ -34,7 +34,7 @@ def test_kfac_solve(benchmark, device, impl):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=256)
     fisher = FIM(model, loader, PMatKFAC, variant="classif_logits", device=device)
     ocar = clfast.OCAR(model, clfast.ReservoirBuffer(10), torch.optim.SGD(model.parameters(), lr=0.0), "kfac")
-    factors = [fisher.data[lid] for lid in ocar._ewc._modules]
+    factors = [fisher.data[lid] for lid in ocar.layers.modules]
     ocar._invert(factors)
     grads = [p.grad.clone() for p in model.parameters()]
 

@@ -61,29 +61,29 @@ TORCH_LIBRARY(clfast, m) {
   // scale * g_i v_i a_i per block.
   m.def("kron_mv(Tensor scale, Tensor[] a, Tensor[] g, Tensor[] v) -> Tensor[]");
 
-  // ---- Deep Artificial Neuron layers (csrc/dan.h, csrc/*/dan.*, clfast/reference/dan.py) ----
+  // ---- Deep Artificial Neuron layers (csrc/dan/, clfast/reference/dan.py) ----
   // One layer of N neurons, each BN -> Linear -> act -> BN -> Linear -> act -> Linear, on stacked parameters:
   // x [B, ni] (shared) or [N, B, ni]; bn1_* [N, ni]; weight1 [N, nf, ni]; bias1 [N, nf]; bn2_* [N, nf];
   // weight2 [N, nf, nf]; bias2 [N, nf]; weight3 [N, no, nf]; bias3 [N, no]. Train mode when no running statistics
-  // are given (batch statistics), eval mode otherwise. act: 0 identity, 1 tanh, 2 relu, 3 sigmoid, 4 gelu,
-  // 5 gelu (tanh approximation). Returns the output [B, N * no] and the tensors the backward needs (the last four
-  // are the batch means and biased variances of the two BatchNorms, for dan_bn_update_).
+  // are given (batch statistics), eval mode otherwise. act: 'identity', 'tanh', 'relu', 'sigmoid', 'gelu' or
+  // 'gelu_tanh' (GELU's tanh approximation). Returns the output [B, N * no] and the tensors the backward needs
+  // (csrc/dan/dan.h: DanSaved; the last four are the BatchNorms' batch means and biased variances).
   m.def("dan_layer_forward(Tensor x, Tensor bn1_weight, Tensor bn1_bias, Tensor weight1, Tensor? bias1, "
         "Tensor bn2_weight, Tensor bn2_bias, Tensor weight2, Tensor? bias2, Tensor weight3, Tensor? bias3, "
         "Tensor? running_mean1, Tensor? running_var1, Tensor? running_mean2, Tensor? running_var2, float eps, "
-        "int act) -> (Tensor, Tensor[])");
+        "str act) -> (Tensor, Tensor[])");
   // Gradients {x (empty unless input_grad), bn1_weight, bn1_bias, weight1, bias1, bn2_weight, bn2_bias, weight2,
   // bias2, weight3, bias3} from the forward's saved tensors.
   m.def("dan_layer_backward(Tensor grad_out, Tensor x, Tensor bn1_weight, Tensor bn1_bias, Tensor weight1, "
         "Tensor bn2_weight, Tensor bn2_bias, Tensor weight2, Tensor weight3, Tensor? running_mean1, "
-        "Tensor? running_var1, Tensor? running_mean2, Tensor? running_var2, Tensor[] saved, float eps, int act, "
+        "Tensor? running_var1, Tensor? running_mean2, Tensor? running_var2, Tensor[] saved, float eps, str act, "
         "bool input_grad) -> Tensor[]");
   // The layer as modules call it: dan_layer_forward (with autograd), then in train mode dan_bn_update_. One call
   // from Python per layer, returning only the output.
   m.def("dan_layer(Tensor x, Tensor bn1_weight, Tensor bn1_bias, Tensor weight1, Tensor? bias1, Tensor bn2_weight, "
         "Tensor bn2_bias, Tensor weight2, Tensor? bias2, Tensor weight3, Tensor? bias3, Tensor(a!) running_mean1, "
         "Tensor(b!) running_var1, Tensor(c!) num_batches1, Tensor(d!) running_mean2, Tensor(e!) running_var2, "
-        "Tensor(f!) num_batches2, bool training, float momentum, float eps, int act) -> Tensor");
+        "Tensor(f!) num_batches2, bool training, float momentum, float eps, str act) -> Tensor");
   // nn.BatchNorm1d's running-statistics update for both BatchNorms of a layer (running [N, C], counters [N]).
   m.def("dan_bn_update_(Tensor(a!) running_mean1, Tensor(b!) running_var1, Tensor(c!) num_batches1, "
         "Tensor(d!) running_mean2, Tensor(e!) running_var2, Tensor(f!) num_batches2, Tensor mean1, Tensor var1, "

@@ -166,8 +166,8 @@ def _dan_stats(g, dtype, device):
 
 def _dan_layer(device, dtype, g):
     out = []
-    for training, act, per_neuron, bias in ((True, 1, False, True), (False, 2, False, True), (True, 4, True, False),
-                                            (False, 3, True, True)):
+    for training, act, per_neuron, bias in ((True, "tanh", False, True), (False, "relu", False, True),
+                                            (True, "gelu", True, False), (False, "sigmoid", True, True)):
         x = _r(g, (N, B, NI) if per_neuron else (B, NI), dtype, device)
         out.append((x, *_dan_params(g, dtype, device, bias), *_dan_stats(g, dtype, device), training, 0.1, 1e-5,
                     act))

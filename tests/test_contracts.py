@@ -339,7 +339,7 @@ def test_messages_name_the_argument():
     with pytest.raises(RuntimeError, match=r"weight1 must have shape \[2, 4, 3\]"):
         OPS.dan_layer(x, *params, *[torch.zeros(n, ni), torch.ones(n, ni), torch.zeros(n, dtype=torch.long),
                                     torch.zeros(n, nf), torch.ones(n, nf), torch.zeros(n, dtype=torch.long)],
-                      True, 0.1, 1e-5, 1)
+                      True, 0.1, 1e-5, "tanh")
     with pytest.raises(RuntimeError, match=r"g\[1\] is Double but v\[0\] is Float"):
         OPS.kron_quadratic([torch.eye(2)] * 2, [torch.eye(2), torch.eye(2).double()], [torch.ones(2, 2)] * 2)
     with pytest.raises(RuntimeError, match=r"storage\[0\] must be contiguous \(rows are written in place\)"):

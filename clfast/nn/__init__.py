@@ -1,4 +1,4 @@
 """Neural-network modules on clfast's fused ops."""
-from .dan import DAN, VECDAN, DANLayer, Neuron, activation_code
+from .dan import DAN, VECDAN, DANLayer, Neuron, activation_name
 
-__all__ = ["Neuron", "DANLayer", "DAN", "VECDAN", "activation_code"]
+__all__ = ["Neuron", "DANLayer", "DAN", "VECDAN", "activation_name"]

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .. import ops
 
-__all__ = ["Neuron", "DANLayer", "DAN", "VECDAN", "activation_code"]
+__all__ = ["Neuron", "DANLayer", "DAN", "VECDAN", "activation_name"]
 
 PARAMS = ("bn1_weight", "bn1_bias", "weight1", "bias1", "bn2_weight", "bn2_bias", "weight2", "bias2", "weight3",
           "bias3")
@@ -45,12 +45,12 @@ _SEED_NAMES = {
 }
 
 
-def activation_code(act: nn.Module) -> Optional[int]:
-    """The native kernels' code for ``act`` (exact module types only), or None when it has no fused kernel."""
+def activation_name(act: nn.Module) -> Optional[str]:
+    """The native kernels' name for ``act`` (exact module types only), or None when it has no fused kernel."""
     kind = type(act)
     if kind is nn.GELU:
-        return {"none": 4, "tanh": 5}.get(act.approximate)
-    return {nn.Identity: 0, nn.Tanh: 1, nn.ReLU: 2, nn.Sigmoid: 3}.get(kind)
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
+    return {nn.Identity: "identity", nn.Tanh: "tanh", nn.ReLU: "relu", nn.Sigmoid: "sigmoid"}.get(kind)
 
 
 _warned: set = set()
@@ -151,13 +151,13 @@ class _Stacked(nn.Module):
     def _run(self, x: Tensor, params: Sequence[Optional[Tensor]], stats: Sequence[Tensor], n: int) -> Tensor:
         if params[0].shape[0] != n:  # a phenotype shared by the n neurons: autograd sums its gradients
             params = [None if p is None else p.expand(n, *p.shape[1:]) for p in params]
-        code = activation_code(self.act_fn)
-        if code is None or self.momentum is None:
-            reason = f"activation {type(self.act_fn).__name__}" if code is None else "momentum=None"
+        act = activation_name(self.act_fn)
+        if act is None or self.momentum is None:
+            reason = f"activation {type(self.act_fn).__name__}" if act is None else "momentum=None"
             _warn_once(reason, f"clfast.nn: no fused DAN kernel for {reason}; those layers run on the pure-torch "
                                "reference (same numbers, slower)")
             return ops.dan_layer(x, params, stats, self.training, self.momentum, self.eps, self.act_fn)
-        return ops.dan_layer(x, params, stats, self.training, self.momentum, self.eps, code)
+        return ops.dan_layer(x, params, stats, self.training, self.momentum, self.eps, act)
 
 
 class DANLayer(_Stacked):

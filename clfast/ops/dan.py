@@ -12,13 +12,14 @@ from ._backend import native_available, one_device, op
 
 
 def dan_layer(x: Tensor, params: Sequence[Optional[Tensor]], stats: Sequence[Tensor], training: bool,
-              momentum: Optional[float], eps: float, act: Union[int, Callable[[Tensor], Tensor]]) -> Tensor:
+              momentum: Optional[float], eps: float, act: Union[str, Callable[[Tensor], Tensor]]) -> Tensor:
     """One DAN layer of N neurons (see ``clfast.reference.dan.dan_layer`` for shapes): ``params`` = (bn1_weight,
     bn1_bias, weight1, bias1, bn2_weight, bn2_bias, weight2, bias2, weight3, bias3), ``stats`` = (running_mean1,
     running_var1, num_batches1, running_mean2, running_var2, num_batches2), updated in place when training.
-    ``act`` is a native activation code, or any module / function: that and ``momentum=None`` (a cumulative
+    ``act`` is a native activation name ('identity', 'tanh', 'relu', 'sigmoid', 'gelu', 'gelu_tanh'), or any
+    module / function: that and ``momentum=None`` (a cumulative
     average) have no native kernel and run on the reference on every backend."""
-    if isinstance(act, int) and momentum is not None:
+    if isinstance(act, str) and momentum is not None:
         return op("dan_layer")(x, *params, *stats, bool(training), float(momentum), float(eps), act)
     return reference.dan_layer(x, *params, *stats, bool(training), momentum, float(eps), act)
 
@@ -35,7 +36,7 @@ if native_available():
         stats = lambda c: x.new_empty((c,) if training else (0,))  # noqa: E731
         g = n if x.dim() == 3 else 1
         z1 = x.new_empty((n, batch, nf) if x.dim() == 3 else (batch, n * nf))
-        z2 = x.new_empty((n, batch, nf) if act in (4, 5) else (0,))  # kept for GELU's backward only
+        z2 = x.new_empty((n, batch, nf) if act in ("gelu", "gelu_tanh") else (0,))  # kept for GELU's backward only
         saved = dict(u1=x.new_empty(x.shape if training else (0,)), s1=z1, u2=x.new_empty((n, batch, nf)), z2=z2,
                      a2=x.new_empty((n, batch, nf)), Weff1=x.new_empty((n, nf, ni)), Weff2=x.new_empty((n, nf, nf)),
                      mean1=stats(g * ni), var1=stats(g * ni), mean2=stats(n * nf), var2=stats(n * nf))

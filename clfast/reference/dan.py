@@ -11,14 +11,14 @@ from torch import Tensor, nn
 
 __all__ = ["dan_layer", "dan_bn_update_", "ACTIVATIONS"]
 
-# The native op's activation codes (csrc/math/dan.h).
+# The native op's activations by their schema names.
 ACTIVATIONS = {
-    0: lambda h: h,
-    1: torch.tanh,
-    2: torch.relu,
-    3: torch.sigmoid,
-    4: F.gelu,
-    5: lambda h: F.gelu(h, approximate="tanh"),
+    "identity": lambda h: h,
+    "tanh": torch.tanh,
+    "relu": torch.relu,
+    "sigmoid": torch.sigmoid,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
 }
 
 
@@ -80,8 +80,9 @@ def _check_layer(x, g1, b1, w1, c1, g2, b2, w2, c2, w3, c3, stats, training: boo
     param("weight1", w1, (n, nf, ni))
     if not ((x.dim() == 2 and x.shape[1] == ni) or (x.dim() == 3 and x.shape[0] == n and x.shape[2] == ni)):
         raise RuntimeError(f"{op}: expected an input [B, {ni}] or [{n}, B, {ni}], got {list(x.shape)}")
-    if isinstance(act, int) and not 0 <= act < len(ACTIVATIONS):
-        raise RuntimeError(f"{op}: unknown activation code {act}")
+    if isinstance(act, str) and act not in ACTIVATIONS:
+        raise RuntimeError(f"{op}: unknown activation '{act}'; expected 'identity', 'tanh', 'relu', 'sigmoid', "
+                           "'gelu' or 'gelu_tanh'")
     param("bn1_weight", g1, (n, ni))
     param("bias1", c1, (n, nf), True)
     param("bn2_weight", g2, (n, nf))
@@ -116,19 +117,19 @@ def dan_layer(x: Tensor, bn1_weight: Tensor, bn1_bias: Tensor, weight1: Tensor, 
               bias3: Optional[Tensor], running_mean1: Optional[Tensor], running_var1: Optional[Tensor],
               num_batches1: Optional[Tensor], running_mean2: Optional[Tensor], running_var2: Optional[Tensor],
               num_batches2: Optional[Tensor], training: bool, momentum: Optional[float], eps: float,
-              act: Union[int, Callable[[Tensor], Tensor]]) -> Tensor:
+              act: Union[str, Callable[[Tensor], Tensor]]) -> Tensor:
     """One DAN layer of N neurons on stacked parameters.
 
     x [B, ni] (every neuron reads it) or [N, B, ni] (one input per neuron); bn1_* [N, ni]; weight1 [N, nf, ni];
     bias1 [N, nf]; bn2_* [N, nf]; weight2 [N, nf, nf]; bias2 [N, nf]; weight3 [N, no, nf]; bias3 [N, no];
     running stats [N, ni] / [N, nf] and batch counters [N] (updated in place when training, like
-    ``nn.BatchNorm1d``). ``act``: a module / function, or the native op's code (0 identity, 1 tanh, 2 relu,
-    3 sigmoid, 4 gelu, 5 gelu with the tanh approximation). Returns [B, N * no], the neurons' outputs concatenated.
+    ``nn.BatchNorm1d``). ``act``: a module / function, or the native op's activation name ('identity',
+    'tanh', 'relu', 'sigmoid', 'gelu', 'gelu_tanh'). Returns [B, N * no], the neurons' outputs concatenated.
     """
     _check_layer(x, bn1_weight, bn1_bias, weight1, bias1, bn2_weight, bn2_bias, weight2, bias2, weight3, bias3,
                  (running_mean1, running_var1, num_batches1, running_mean2, running_var2, num_batches2), training,
                  eps, act)
-    if isinstance(act, int):
+    if isinstance(act, str):
         act = ACTIVATIONS[act]
     n = weight1.shape[0]
     # The statistics are updated on copies and written back only once the whole layer has run, so an input or

@@ -23,14 +23,14 @@ using torch::autograd::variable_list;
 std::tuple<at::Tensor, std::vector<at::Tensor>> call_forward(
     const at::Tensor& x, const at::Tensor& g1, const at::Tensor& b1, const at::Tensor& W1, const OptT& c1,
     const at::Tensor& g2, const at::Tensor& b2, const at::Tensor& W2, const OptT& c2, const at::Tensor& W3,
-    const OptT& c3, const OptT& rm1, const OptT& rv1, const OptT& rm2, const OptT& rv2, double eps, int64_t act) {
+    const OptT& c3, const OptT& rm1, const OptT& rv1, const OptT& rm2, const OptT& rv2, double eps, c10::string_view act) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("clfast::dan_layer_forward", "")
                              .typed<std::tuple<at::Tensor, std::vector<at::Tensor>>(
                                  const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                  const OptT&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&,
                                  const at::Tensor&, const OptT&, const OptT&, const OptT&, const OptT&, const OptT&,
-                                 double, int64_t)>();
+                                 double, c10::string_view)>();
   return op.call(x, g1, b1, W1, c1, g2, b2, W2, c2, W3, c3, rm1, rv1, rm2, rv2, eps, act);
 }
 
@@ -38,14 +38,14 @@ std::vector<at::Tensor> call_backward(const at::Tensor& grad_out, const at::Tens
                                       const at::Tensor& b1, const at::Tensor& W1, const at::Tensor& g2,
                                       const at::Tensor& b2, const at::Tensor& W2, const at::Tensor& W3,
                                       const OptT& rm1, const OptT& rv1, const OptT& rm2, const OptT& rv2,
-                                      at::TensorList saved, double eps, int64_t act, bool input_grad) {
+                                      at::TensorList saved, double eps, c10::string_view act, bool input_grad) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("clfast::dan_layer_backward", "")
                              .typed<std::vector<at::Tensor>(
                                  const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                  const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                  const at::Tensor&, const OptT&, const OptT&, const OptT&, const OptT&,
-                                 at::TensorList, double, int64_t, bool)>();
+                                 at::TensorList, double, c10::string_view, bool)>();
   return op.call(grad_out, x, g1, b1, W1, g2, b2, W2, W3, rm1, rv1, rm2, rv2, saved, eps, act, input_grad);
 }
 
@@ -63,7 +63,7 @@ struct DanLayerFunction : public torch::autograd::Function<DanLayerFunction> {
                                const at::Tensor& W1, const OptT& c1, const at::Tensor& g2, const at::Tensor& b2,
                                const at::Tensor& W2, const OptT& c2, const at::Tensor& W3, const OptT& c3,
                                const OptT& rm1, const OptT& rv1, const OptT& rm2, const OptT& rv2, double eps,
-                               int64_t act) {
+                               c10::string_view act) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, saved] = call_forward(x, g1, b1, W1, c1, g2, b2, W2, c2, W3, c3, rm1, rv1, rm2, rv2, eps, act);
     // The backward's inputs, then the forward's saved tensors. In train mode the backward reads the normalised
@@ -75,7 +75,7 @@ struct DanLayerFunction : public torch::autograd::Function<DanLayerFunction> {
     to_save.insert(to_save.end(), saved.begin(), saved.end());
     ctx->save_for_backward(to_save);
     ctx->saved_data["eps"] = eps;
-    ctx->saved_data["act"] = act;
+    ctx->saved_data["act"] = std::string(act);
     ctx->saved_data["biases"] = std::vector<bool>{present(c1), present(c2), present(c3)};
     ctx->mark_non_differentiable(saved);
     ctx->set_materialize_grads(false);
@@ -93,7 +93,7 @@ struct DanLayerFunction : public torch::autograd::Function<DanLayerFunction> {
     const at::Tensor& x = s[0].defined() ? s[0] : DanSaved::from(saved).u1;  // train mode: only its metadata
     const auto g = call_backward(grads[0], x, s[1], s[2], s[3], s[4], s[5], s[6], s[7], opt(s[8]), opt(s[9]),
                                  opt(s[10]), opt(s[11]), saved, ctx->saved_data["eps"].toDouble(),
-                                 ctx->saved_data["act"].toInt(), input_grad);
+                                 ctx->saved_data["act"].toStringRef(), input_grad);
     const auto biases = ctx->saved_data["biases"].toBoolList();
     for (int i = 0; i < 11; ++i) {
       const bool wanted = i == 0 ? input_grad : i == 4 ? biases[0] : i == 8 ? biases[1] : i == 10 ? biases[2] : true;
@@ -106,7 +106,7 @@ struct DanLayerFunction : public torch::autograd::Function<DanLayerFunction> {
 std::tuple<at::Tensor, std::vector<at::Tensor>> dan_layer_forward_autograd(
     const at::Tensor& x, const at::Tensor& g1, const at::Tensor& b1, const at::Tensor& W1, const OptT& c1,
     const at::Tensor& g2, const at::Tensor& b2, const at::Tensor& W2, const OptT& c2, const at::Tensor& W3,
-    const OptT& c3, const OptT& rm1, const OptT& rv1, const OptT& rm2, const OptT& rv2, double eps, int64_t act) {
+    const OptT& c3, const OptT& rm1, const OptT& rv1, const OptT& rm2, const OptT& rv2, double eps, c10::string_view act) {
   variable_list outs =
       DanLayerFunction::apply(x, g1, b1, W1, c1, g2, b2, W2, c2, W3, c3, rm1, rv1, rm2, rv2, eps, act);
   return {outs[0], std::vector<at::Tensor>(outs.begin() + 1, outs.end())};
@@ -127,7 +127,7 @@ at::Tensor dan_layer(const at::Tensor& x, const at::Tensor& g1, const at::Tensor
                      const OptT& c1, const at::Tensor& g2, const at::Tensor& b2, const at::Tensor& W2, const OptT& c2,
                      const at::Tensor& W3, const OptT& c3, at::Tensor& rm1, at::Tensor& rv1, at::Tensor& nb1,
                      at::Tensor& rm2, at::Tensor& rv2, at::Tensor& nb2, bool training, double momentum, double eps,
-                     int64_t act) {
+                     c10::string_view act) {
   if (!training) return std::get<0>(call_forward(x, g1, b1, W1, c1, g2, b2, W2, c2, W3, c3, rm1, rv1, rm2, rv2, eps, act));
   auto [out, saved] = call_forward(x, g1, b1, W1, c1, g2, b2, W2, c2, W3, c3, std::nullopt, std::nullopt,
                                    std::nullopt, std::nullopt, eps, act);
@@ -167,7 +167,7 @@ std::vector<at::Tensor> dan_layer_backward_autograd(const at::Tensor& grad_out, 
                                                     const at::Tensor& g2, const at::Tensor& b2, const at::Tensor& W2,
                                                     const at::Tensor& W3, const OptT& rm1, const OptT& rv1,
                                                     const OptT& rm2, const OptT& rv2, at::TensorList saved, double eps,
-                                                    int64_t act, bool input_grad) {
+                                                    c10::string_view act, bool input_grad) {
   const bool needs_graph = at::GradMode::is_enabled() &&
                            (grad_out.requires_grad() || x.requires_grad() || g1.requires_grad() ||
                             b1.requires_grad() || W1.requires_grad() || g2.requires_grad() || b2.requires_grad() ||

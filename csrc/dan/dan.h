@@ -16,6 +16,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -32,6 +33,15 @@ inline void check_param(const char* name, const at::Tensor& t, at::IntArrayRef s
               " like the input, got ", t.scalar_type());
   TORCH_CHECK(t.device() == x.device(), "clfast.dan_layer: ", name, " is on ", t.device(), " but the input is on ",
               x.device());
+}
+
+// The schema's activation name as the kernels' code (csrc/math/dan.h: Act), mapped once at the op boundary.
+inline int64_t parse_act(c10::string_view name) {
+  static constexpr const char* kActNames[kNumActs] = {"identity", "tanh", "relu", "sigmoid", "gelu", "gelu_tanh"};
+  for (int64_t i = 0; i < kNumActs; ++i)
+    if (name == kActNames[i]) return i;
+  TORCH_CHECK(false, "clfast.dan_layer: unknown activation '", std::string(name),
+              "'; expected 'identity', 'tanh', 'relu', 'sigmoid', 'gelu' or 'gelu_tanh'");
 }
 
 // An optional tensor argument that is given and defined (C++ callers may pass an undefined tensor for None).
@@ -53,7 +63,7 @@ inline Dims check_layer(const at::Tensor& x, const at::Tensor& g1, const at::Ten
                         const at::Tensor& W2, const std::optional<at::Tensor>& c2, const at::Tensor& W3,
                         const std::optional<at::Tensor>& c3, const std::optional<at::Tensor>& rm1,
                         const std::optional<at::Tensor>& rv1, const std::optional<at::Tensor>& rm2,
-                        const std::optional<at::Tensor>& rv2, int64_t act, double eps) {
+                        const std::optional<at::Tensor>& rv2, double eps) {
   TORCH_CHECK(x.defined() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
               "clfast.dan_layer: expected a float32 or float64 input, got ",
               x.defined() ? c10::toString(x.scalar_type()) : "None");
@@ -71,7 +81,6 @@ inline Dims check_layer(const at::Tensor& x, const at::Tensor& g1, const at::Ten
   TORCH_CHECK((x.dim() == 2 && x.size(1) == d.ni) || (x.dim() == 3 && x.size(0) == d.N && x.size(2) == d.ni),
               "clfast.dan_layer: expected an input [B, ", d.ni, "] or [", d.N, ", B, ", d.ni, "], got ", x.sizes());
   d.B = x.size(-2);
-  TORCH_CHECK(act >= 0 && act < kNumActs, "clfast.dan_layer: unknown activation code ", act);
   check_param("bn1_weight", g1, {d.N, d.ni}, x);
   check_optional("bias1", c1, {d.N, d.nf}, x);
   check_param("bn2_weight", g2, {d.N, d.nf}, x);
@@ -202,9 +211,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dan_layer_forward_impl(
     const std::optional<at::Tensor>& c1_, const at::Tensor& g2_, const at::Tensor& b2_, const at::Tensor& W2_,
     const std::optional<at::Tensor>& c2_, const at::Tensor& W3_, const std::optional<at::Tensor>& c3_,
     const std::optional<at::Tensor>& rm1_, const std::optional<at::Tensor>& rv1_,
-    const std::optional<at::Tensor>& rm2_, const std::optional<at::Tensor>& rv2_, double eps, int64_t act) {
+    const std::optional<at::Tensor>& rm2_, const std::optional<at::Tensor>& rv2_, double eps,
+    c10::string_view act_name) {
   using namespace dan_detail;
-  const Dims d = check_layer(x_, g1_, b1_, W1_, c1_, g2_, b2_, W2_, c2_, W3_, c3_, rm1_, rv1_, rm2_, rv2_, act, eps);
+  const Dims d = check_layer(x_, g1_, b1_, W1_, c1_, g2_, b2_, W2_, c2_, W3_, c3_, rm1_, rv1_, rm2_, rv2_, eps);
+  const int64_t act = parse_act(act_name);
   const bool training = !present(rm1_);
   const int64_t N = d.N, nf = d.nf, ni = d.ni, B = d.B, G1 = d.G1();
   const at::Tensor x = contig(x_), W1 = contig(W1_), W2 = contig(W2_), W3 = contig(W3_);
@@ -257,10 +268,11 @@ std::vector<at::Tensor> dan_layer_backward_impl(
     const at::Tensor& W1_, const at::Tensor& g2_, const at::Tensor& b2_, const at::Tensor& W2_, const at::Tensor& W3_,
     const std::optional<at::Tensor>& rm1_, const std::optional<at::Tensor>& rv1_,
     const std::optional<at::Tensor>& rm2_, const std::optional<at::Tensor>& rv2_, at::TensorList saved, double eps,
-    int64_t act, bool input_grad) {
+    c10::string_view act_name, bool input_grad) {
   using namespace dan_detail;
   const Dims d = check_layer(x_, g1_, b1_, W1_, std::nullopt, g2_, b2_, W2_, std::nullopt, W3_, std::nullopt, rm1_,
-                             rv1_, rm2_, rv2_, act, eps);
+                             rv1_, rm2_, rv2_, eps);
+  const int64_t act = parse_act(act_name);
   const DanSaved sv = DanSaved::from(saved);
   const int64_t N = d.N, nf = d.nf, ni = d.ni, no = d.no, B = d.B, G1 = d.G1();
   TORCH_CHECK(grad_out.numel() == B * N * no, "clfast.dan_layer_backward: grad_out must have ", B * N * no,
