@@ -13,6 +13,10 @@ from . import ops
 __all__ = ["ReservoirBuffer", "DataBuffer"]
 
 
+def _overlaps(a: Tensor, b: Tensor) -> bool:
+    return a.numel() > 0 and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 class ReservoirBuffer:
     """Exact reservoir sampling (Vitter's Algorithm R) of a stream of batches into ``capacity`` slots.
 
@@ -71,11 +75,21 @@ class ReservoirBuffer:
         if self.num_seen > 2 ** 63 - 1 - B:
             raise OverflowError(f"ReservoirBuffer.add: num_seen {self.num_seen} + a batch of {B} overflows the "
                                 "stream index")
-        if draws is None:
-            draws = torch.rand(B, dtype=torch.float64, device=device, generator=self.generator)
-        if not self.storage:
-            self.storage = [torch.empty((self.capacity, *t.shape[1:]), dtype=t.dtype, device=device) for t in batch]
-        ops.reservoir_add_(self.storage, batch, draws, self.num_seen)
+        # A batch read from the storage itself (a view of it) is copied first: the op refuses overlapping inputs.
+        batch = [t.clone() if s is not None and _overlaps(t, s) else t
+                 for t, s in zip(batch, self.storage or [None] * len(batch))]
+        storage = self.storage or [torch.empty((self.capacity, *t.shape[1:]), dtype=t.dtype, device=device)
+                                   for t in batch]
+        drawn_from = self.generator.get_state() if draws is None and self.generator is not None else None
+        try:
+            if draws is None:
+                draws = torch.rand(B, dtype=torch.float64, device=device, generator=self.generator)
+            ops.reservoir_add_(storage, batch, draws, self.num_seen)
+        except Exception:
+            if drawn_from is not None:  # a refused batch leaves the generator where it was
+                self.generator.set_state(drawn_from)
+            raise
+        self.storage = storage
         self.num_seen += B
 
     def sample(self, n: int) -> Tuple[Tensor, ...]:

@@ -169,6 +169,9 @@ class CBP:
                                      f"Conv2d layers, got {pair!r}")
                 out.append(_describe(model, parts[0], parts[1], init, parts[2] if len(parts) == 3 else None))
         for L in out:
+            if L.layer.weight.untyped_storage().data_ptr() == L.next.weight.untyped_storage().data_ptr():
+                raise ValueError(f"CBP: '{L.name}' and the layer after it share their weight storage (tied "
+                                 "weights); replacing a unit would rewrite both")
             units, per_row = L.units, L.next.weight[0].numel()
             if per_row % units:
                 raise ValueError(f"CBP: layers do not chain: '{L.name}' has {units} units but the next layer "
@@ -268,8 +271,10 @@ class CBP:
             for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
                 buf = state.get(key) if state else None
                 if isinstance(buf, Tensor) and buf.shape == p.shape:
-                    view = buf.view(units, -1) if dim == 0 else buf.view(buf.shape[0], units, -1)
-                    view.index_fill_(dim, index, 0.0)
+                    if dim == 0 or buf.dim() > 2 or buf.shape[1] == units:  # any memory format
+                        buf.index_fill_(dim, index, 0.0)
+                    else:  # a Linear after a flatten: the unit's group of columns
+                        buf.view(buf.shape[0], units, -1).index_fill_(1, index, 0.0)
 
     # -- state ------------------------------------------------------------------------------------------------------
     def stats(self) -> Dict[str, int]:

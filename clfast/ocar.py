@@ -101,6 +101,8 @@ class OCAR:
         if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
             raise ValueError(f"OCAR.step: x and y need the same leading batch size, got {list(x.shape)} and "
                              f"{list(y.shape)}")
+        if self.buffer.storage:  # the buffer's own checks of the batch, before the step (it joins at the end)
+            self.buffer.add(x[:0], y[:0])
         generator = self.buffer.generator
         drawn_from = generator.get_state() if generator is not None else None
         try:

@@ -48,6 +48,12 @@ class _SIOptimizer(Optimizer):
                 continue
             if grad.is_sparse:
                 raise RuntimeError("clfast.optim does not support sparse gradients")
+            if p.dtype not in (torch.float32, torch.float64):
+                raise TypeError(f"clfast.optim steps float32 and float64 parameters; one of shape {list(p.shape)} "
+                                f"is {p.dtype} (keep it in a torch.optim optimizer of its own)")
+            if p.is_inference():
+                raise RuntimeError(f"clfast.optim: a parameter of shape {list(p.shape)} is an inference tensor and "
+                                   "cannot be updated outside InferenceMode")
             if grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device:
                 raise RuntimeError(f"clfast.optim: a parameter of shape {list(p.shape)} ({p.dtype}, {p.device}) has a "
                                    f".grad of shape {list(grad.shape)} ({grad.dtype}, {grad.device}); they must "

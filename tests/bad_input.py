@@ -113,19 +113,23 @@ def op_cases(op) -> Iterator[Tuple[str, tuple]]:
             other = _other_tensor(base, i, k)
             if other is not None:
                 yield f"{where}:aliases-input", _set(base, i, k, other)
-            if t.dim() >= 1 and t.shape[0] > 1:  # an overlapping view of a buffer shared with another output
-                yield f"{where}:overlaps-itself-shifted", _set(base, i, k, torch.as_strided(
-                    t.clone(), t.shape, t.stride(), 0).clone())
+            if t.dim() >= 2 and t.numel() > 1:  # every stride 1: rows overlap each other
+                yield f"{where}:overlaps-itself", _set(base, i, k, torch.randn(t.numel()).as_strided(
+                    t.shape, [1] * t.dim()))
             with torch.inference_mode():
                 inf = t.clone()
             yield f"{where}:inference-tensor", _set(base, i, k, inf)
+    # For the multi-tensor ops, a variant whose list elements all have one shape, so that aliasing within a list
+    # reaches the memory checks instead of the shape checks.
+    uniform = tuple([torch.randn_like(a[0]) for _ in a] if isinstance(a, list) and a and isinstance(a[0], Tensor)
+                    else a for a in base) if op.family in ("si", "optim") else None
     for i, a in enumerate(base):
         if isinstance(a, list) and a and isinstance(a[0], Tensor):
             yield f"arg{i}:empty-list", _set(base, i, -1, [])
             if len(a) > 1:
                 yield f"arg{i}:short-list", _set(base, i, -1, a[:-1])
-                yield f"arg{i}:same-tensor-twice", _set(base, i, -1, [a[0]] * len(a)) if all(
-                    t.shape == a[0].shape for t in a) else _set(base, i, 1, a[0])
+                if uniform is not None:
+                    yield f"arg{i}:same-tensor-twice", _set(uniform, i, -1, [uniform[i][0]] * len(a))
         elif isinstance(a, bool):
             yield f"arg{i}:flipped", _set(base, i, -1, not a)
         elif isinstance(a, float):
@@ -137,15 +141,22 @@ def op_cases(op) -> Iterator[Tuple[str, tuple]]:
                 yield f"arg{i}:{name}", _set(base, i, -1, v)
         elif isinstance(a, str):
             yield f"arg{i}:unknown", _set(base, i, -1, "bogus")
-    # Two outputs that are views of one buffer and overlap.
-    lists = [i for i in writes if isinstance(base[i], list) and len(base[i]) > 1]
-    if lists:
-        i = lists[0]
-        buf = torch.randn(base[i][0].numel() + 1)
-        first = buf[:base[i][0].numel()].view(base[i][0].shape)
-        second = buf[1:1 + base[i][0].numel()].view(base[i][0].shape)
-        if base[i][1].shape == base[i][0].shape:
-            yield f"arg{i}:overlapping-views", _set(_set(base, i, 0, first), i, 1, second)
+    # Two outputs that are views of one buffer and overlap; two that interleave without overlapping (allowed).
+    if uniform is not None:
+        for i in writes:
+            if isinstance(uniform[i], list) and len(uniform[i]) > 1:
+                shape, n = uniform[i][0].shape, uniform[i][0].numel()
+                buf = torch.randn(n + 1)
+                yield f"arg{i}:overlapping-views", _set(_set(uniform, i, 0, buf[:n].view(shape)), i, 1,
+                                                        buf[1:].view(shape))
+                pair = torch.randn(n, 2)
+                yield f"arg{i}:interleaved-views", _set(_set(uniform, i, 0, pair[:, 0].view(shape)), i, 1,
+                                                        pair[:, 1].view(shape))
+                # an output that aliases another list's input at another index
+                others = [j for j in range(len(uniform)) if j != i and isinstance(uniform[j], list)
+                          and len(uniform[j]) > 1]
+                if others:
+                    yield f"arg{i}:aliases-arg{others[0]}[1]", _set(uniform, i, 0, uniform[others[0]][1])
 
 
 def _call(fn, args):
@@ -429,6 +440,40 @@ def module_cases() -> Iterator[Tuple[str, Callable[[], Tuple[Callable, Callable]
         return setup
 
     yield "VECDAN: wrong input width", vecdan(lambda: torch.randn(8, 5)), ValueError
+
+    def cbp_tied():
+        net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(),
+                            nn.Linear(6, 3))
+        net[4].weight = net[2].weight
+        return (lambda: clfast.CBP(net)), lambda: [list(net.parameters())]
+
+    def optim_bf16(kind):
+        def setup():
+            p = [nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2, dtype=torch.bfloat16))]
+            opt = clfast.optim.SGD(p, lr=0.1) if kind == "sgd" else clfast.optim.Adam(p, lr=0.1)
+            for t in p:
+                t.grad = torch.ones_like(t)
+            return opt.step, lambda: [p, opt.state_dict()]
+        return setup
+
+    def ocar_int32_labels():
+        net = _mlp()
+        buf = clfast.ReservoirBuffer(8, generator=torch.Generator().manual_seed(0))
+        ocar = clfast.OCAR(net, buf, torch.optim.SGD(net.parameters(), lr=0.1))
+        ocar.step(torch.randn(8, 4), torch.randint(0, 3, (8,)))
+        x, y = torch.randn(8, 4), torch.randint(0, 3, (8,), dtype=torch.int32)
+        return (lambda: ocar.step(x, y)), lambda: [list(net.parameters()), buf.state_dict(), ocar.steps]
+
+    def reservoir_bad_dtype_keeps_generator():
+        buf = clfast.ReservoirBuffer(4, generator=torch.Generator().manual_seed(0))
+        buf.add(torch.zeros(6, 3), torch.zeros(6, dtype=torch.long))
+        return (lambda: buf.add(torch.zeros(2, 3), torch.zeros(2, dtype=torch.int32))), lambda: [buf.state_dict()]
+
+    yield "CBP: tied weights", cbp_tied, ValueError
+    yield "optim.sgd: a bfloat16 parameter", optim_bf16("sgd"), TypeError
+    yield "optim.adam: a bfloat16 parameter", optim_bf16("adam"), TypeError
+    yield "OCAR.step: int32 labels for an int64 buffer", ocar_int32_labels, ValueError
+    yield "ReservoirBuffer.add: wrong dtype", reservoir_bad_dtype_keeps_generator, ValueError
 
 
 def run_module_case(name, setup, expected) -> dict:

@@ -212,24 +212,39 @@ def tensors_of(args) -> List[Tensor]:
 
 
 def clone_args(args):
-    """A deep copy keeping each tensor's strides (and so its layout)."""
+    """A deep copy that keeps what the op may depend on: each tensor's storage offset and strides, which tensors
+    share a storage (so aliasing survives the copy), inference tensors, and requires_grad."""
+    storages = {}
+
     def one(a):
-        if isinstance(a, Tensor):
-            return a.detach().clone(memory_format=torch.preserve_format).requires_grad_(a.requires_grad)
         if isinstance(a, list):
             return [one(t) for t in a]
-        return a
+        if not isinstance(a, Tensor):
+            return a
+        if a.device.type == "meta":
+            return a.detach().clone().requires_grad_(a.requires_grad)
+        key = a.untyped_storage().data_ptr()
+        with torch.inference_mode(a.is_inference()):
+            if key not in storages:
+                storages[key] = a.untyped_storage().clone()
+            t = torch.empty(0, dtype=a.dtype, device=a.device).set_(storages[key], a.storage_offset(), a.shape,
+                                                                    a.stride())
+        return t.requires_grad_(a.requires_grad) if a.requires_grad else t
     return tuple(one(a) for a in args)
 
 
 def snapshot(args):
     """Everything a call may change: values (NaN-aware), shapes, strides and version counters."""
-    return [(t.shape, t.stride(), t._version, t.detach().clone()) for t in tensors_of(args)]
+    return [(t.shape, t.stride(), _version(t), t.detach().clone()) for t in tensors_of(args)]
+
+
+def _version(t: Tensor) -> int:
+    return -1 if t.is_inference() else t._version  # inference tensors keep no version counter
 
 
 def unchanged(args, snap) -> bool:
     for t, (shape, stride, version, value) in zip(tensors_of(args), snap):
-        if t.shape != shape or t.stride() != stride or t._version != version:
+        if t.shape != shape or t.stride() != stride or _version(t) != version:
             return False
         if t.device.type != "meta" and not torch.equal(t.detach().nan_to_num(1234.5), value.nan_to_num(1234.5)):
             return False

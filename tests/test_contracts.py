@@ -432,3 +432,22 @@ def test_databuffer_keeps_the_seed_notebooks_items_under_the_same_random_seed():
     small = clfast.DataBuffer(10)
     small.update_buffer(items[:4])
     assert torch.equal(small.sample(8)[1], torch.stack([y for _, y in items[:4]]))  # fewer than n: all, in order
+
+
+def test_cbp_with_an_optimizer_on_a_channels_last_convnet(backend):
+    net = _convnet().to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    cbp = clfast.CBP(net, replacement_rate=0.3, maturity_threshold=1, optimizer=opt)
+    for _ in range(4):
+        opt.zero_grad()
+        net(torch.randn(5, 1, 8, 8).contiguous(memory_format=torch.channels_last)).sum().backward()
+        opt.step()
+        cbp.step()
+    assert sum(cbp.stats().values()) > 0
+
+
+def test_reservoir_buffer_takes_a_batch_read_from_its_own_storage(backend):
+    buf = clfast.ReservoirBuffer(4, generator=torch.Generator().manual_seed(0))
+    buf.add(torch.arange(12.).view(6, 2))
+    buf.add(buf.storage[0][:3])  # a view of the storage: copied before the op reads it
+    assert buf.num_seen == 9

@@ -37,13 +37,21 @@ def check_lists(op: str, *lists: Tuple[str, Sequence[Tensor]], optional: Sequenc
                                    f"shape {list(ref[i].shape)}")
 
 
+def _addresses(t: Tensor) -> Tensor:
+    offsets = torch.zeros((), dtype=torch.long)
+    for size, stride in zip(t.shape, t.stride()):
+        offsets = offsets.unsqueeze(-1) + torch.arange(size) * stride
+    return offsets.reshape(-1) * t.element_size() + t.data_ptr()
+
+
 def _overlaps_itself(t: Tensor) -> bool:
+    """csrc/common/checks.h's overlaps_itself."""
     if t.numel() <= 1:
         return False
     reach = 0
     for stride, size in sorted((t.stride(d), t.shape[d]) for d in range(t.dim()) if t.shape[d] > 1):
         if stride <= reach:
-            return True
+            return t.numel() > 1 << 20 or _addresses(t).unique().numel() < t.numel()
         reach += stride * (size - 1)
     return False
 
@@ -54,9 +62,29 @@ def _byte_range(t: Tensor) -> Tuple[int, int]:
     return lo, lo + extent * t.element_size()
 
 
+def _share_an_element(x: Tensor, y: Tensor) -> bool:
+    """csrc/common/checks.h's share_an_element: dense pairs whose ranges meet overlap; otherwise the element
+    addresses are compared, up to 2^20 elements each."""
+    def dense(t):
+        dims = sorted((t.stride(d), t.shape[d]) for d in range(t.dim()) if t.shape[d] != 1)
+        expected = 1
+        for stride, size in dims:
+            if stride != expected:
+                return False
+            expected *= size
+        return True
+
+    if dense(x) and dense(y):
+        return True
+    if max(x.numel(), y.numel()) > 1 << 20 or x.element_size() != y.element_size():
+        return True
+
+    return bool(torch.isin(_addresses(x), _addresses(y)).any())
+
+
 def check_memory(op: str, *args: Tuple[str, Sequence[Tensor], bool]) -> None:
     """The native fronts' check_memory (csrc/common/checks.h): written tensors must be writable and share no
-    memory with any other argument (their address ranges may not meet). ``args``: (name, tensors, written)."""
+    memory with any other argument. ``args``: (name, tensors, written)."""
     ranges = []
     for name, tensors, written in args:
         for i, t in enumerate(tensors):
@@ -71,13 +99,13 @@ def check_memory(op: str, *args: Tuple[str, Sequence[Tensor], bool]) -> None:
                     raise RuntimeError(f"clfast.{op}: {name}[{i}] is an inference tensor; in-place updates to it are "
                                        "only allowed inside InferenceMode")
             lo, hi = _byte_range(t)
-            ranges.append((lo, hi, name, i, written))
+            ranges.append((lo, hi, name, i, written, t))
     ranges.sort(key=lambda r: r[0])
     open_ = []
     for r in ranges:
         open_ = [o for o in open_ if o[1] > r[0]]
         for o in open_:
-            if not (o[4] or r[4]):
+            if not (o[4] or r[4]) or not _share_an_element(o[5], r[5]):
                 continue
             what = "two outputs" if (o[4] and r[4]) else "an output and an input"
             raise RuntimeError(f"clfast.{op}: {o[2]}[{o[3]}] and {r[2]}[{r[3]}] share memory; {what} of this op must "

@@ -110,6 +110,10 @@ def _check_layer(x, g1, b1, w1, c1, g2, b2, w2, c2, w3, c3, stats, training: boo
         g = n if x.dim() == 3 else 1
         _check_bn_update([("first", rm1, rv1, nb1, x.new_empty(g * ni), x.new_empty(g * ni)),
                           ("second", rm2, rv2, nb2, x.new_empty(n * nf), x.new_empty(n * nf))], batch)
+        from ._checks import check_memory
+        check_memory("dan_bn_update_", *[(name, [t], True) for name, t in zip(
+            ("running_mean1", "running_var1", "num_batches1", "running_mean2", "running_var2", "num_batches2"),
+            stats)])
 
 
 def dan_layer(x: Tensor, bn1_weight: Tensor, bn1_bias: Tensor, weight1: Tensor, bias1: Optional[Tensor],

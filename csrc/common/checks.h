@@ -45,8 +45,28 @@ inline void check_lists(const char* op, std::initializer_list<NamedList> lists) 
   }
 }
 
+// The byte addresses of t's elements, sorted.
+inline std::vector<uintptr_t> element_addresses(const at::Tensor& t) {
+  std::vector<uintptr_t> out;
+  out.reserve(t.numel());
+  const auto base = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const int64_t dims = t.dim(), item = static_cast<int64_t>(t.element_size());
+  std::vector<int64_t> index(dims, 0);
+  for (int64_t n = 0; n < t.numel(); ++n) {
+    int64_t offset = 0;
+    for (int64_t d = 0; d < dims; ++d) offset += index[d] * t.stride(d);
+    out.push_back(base + static_cast<uintptr_t>(offset * item));
+    for (int64_t d = dims - 1; d >= 0 && ++index[d] == t.size(d); --d) index[d] = 0;
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+constexpr int64_t kExactOverlapLimit = int64_t(1) << 20;  // elements: beyond, an undecided case counts as overlap
+
 // True when two elements of t share one address (an expanded or otherwise self-overlapping view). Dims sorted by
-// stride: each stride must step past every offset the smaller dims reach.
+// stride, each stride stepping past every offset the smaller dims reach proves there is none; a layout that fails
+// that test is settled by its element addresses.
 inline bool overlaps_itself(const at::Tensor& t) {
   if (t.numel() <= 1 || t.is_non_overlapping_and_dense()) return false;
   std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of dims with size > 1
@@ -54,9 +74,31 @@ inline bool overlaps_itself(const at::Tensor& t) {
     if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
   std::sort(dims.begin(), dims.end());
   int64_t reach = 0;
+  bool proven = true;
   for (const auto& [stride, size] : dims) {
-    if (stride <= reach) return true;
+    if (stride <= reach) {
+      proven = false;
+      break;
+    }
     reach += stride * (size - 1);
+  }
+  if (proven) return false;
+  if (t.numel() > kExactOverlapLimit) return true;
+  const std::vector<uintptr_t> a = element_addresses(t);
+  return std::adjacent_find(a.begin(), a.end()) != a.end();
+}
+
+// Whether two tensors whose address ranges meet share an element. Two dense tensors do; otherwise their element
+// addresses are compared (sorted), which tells interleaved views of one buffer (w[:, :3] and w[:, 3:]) apart.
+// Beyond 2^20 elements, or for different element sizes, they are taken to overlap.
+inline bool share_an_element(const at::Tensor& x, const at::Tensor& y) {
+  if (x.is_non_overlapping_and_dense() && y.is_non_overlapping_and_dense()) return true;
+  if (x.numel() > kExactOverlapLimit || y.numel() > kExactOverlapLimit || x.element_size() != y.element_size())
+    return true;
+  const std::vector<uintptr_t> a = element_addresses(x), b = element_addresses(y);
+  for (size_t i = 0, j = 0; i < a.size() && j < b.size();) {
+    if (a[i] == b[j]) return true;
+    a[i] < b[j] ? ++i : ++j;
   }
   return false;
 }
@@ -71,8 +113,7 @@ struct Access {
 // Every written tensor can be written (it does not overlap itself; not an inference tensor outside inference
 // mode), and shares no memory with any other argument: an output that aliases an input or another output would
 // make the fused result depend on the order of the element loops and threads. Address ranges are compared after
-// a sort, so the check is O(n log n) in the number of tensors; ranges that meet are refused, which also refuses
-// interleaved strided views of one buffer.
+// a sort, so the check is O(n log n) in the number of tensors; where two ranges meet, share_an_element decides.
 inline void check_memory(const char* op, std::initializer_list<Access> args) {
   struct Range {
     uintptr_t lo, hi;
@@ -102,6 +143,7 @@ inline void check_memory(const char* op, std::initializer_list<Access> args) {
     open.erase(std::remove_if(open.begin(), open.end(), [&](const Range* o) { return o->hi <= r.lo; }), open.end());
     for (const Range* o : open) {
       if (!o->arg->written && !r.arg->written) continue;
+      if (!share_an_element(o->arg->tensors[o->index], r.arg->tensors[r.index])) continue;
       const std::string what = (o->arg->written && r.arg->written) ? "two outputs" : "an output and an input";
       TORCH_CHECK(false, "clfast.", op, ": ", o->arg->name, "[", o->index, "] and ", r.arg->name, "[", r.index,
                   "] share memory; ", what, " of this op must not overlap (pass separate tensors, e.g. .clone())");
