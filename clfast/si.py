@@ -220,6 +220,10 @@ class SI:
         self._index = [i for i, _ in tracked]
         self.params: List[Tensor] = [p for _, p in tracked]
         self._position = {id(p): k for k, p in enumerate(self.params)}
+        groups: Dict[tuple, List[int]] = {}  # one op call per dtype and device, as clfast.optim does
+        for k, p in enumerate(self.params):
+            groups.setdefault((p.dtype, p.device), []).append(k)
+        self._groups = list(groups.values())
         with torch.no_grad():
             self.prev = [p.detach().clone() for p in self.params]
             self.importance = [torch.zeros_like(p) for p in self.params]
@@ -253,7 +257,8 @@ class SI:
             if len(ref) != len(self.params):
                 raise ValueError(f"SI.after_step: expected {len(self.params)} delta_params (one per tracked "
                                  f"parameter), got {len(ref)}")
-        ops.si_accumulate_(self.omega, self._detached(), ref, grads, delta_params is not None)
+        for omega, params, r, g in self._split(self.omega, self._detached(), ref, grads):
+            ops.si_accumulate_(omega, params, r, g, delta_params is not None)
         self._pre_valid = False
         self._omega_live = True
 
@@ -261,19 +266,21 @@ class SI:
         """End of a task: fold the running estimate into the importances and checkpoint ``theta_prev``."""
         detached = self._detached()
         _check_finite("SI.consolidate", omega=self.omega, params=detached)
-        ops.si_consolidate_(self.importance, self.prev, self.omega, detached, self.epsilon)
+        for importance, prev, omega, params in self._split(self.importance, self.prev, self.omega, detached):
+            ops.si_consolidate_(importance, prev, omega, params, self.epsilon)
         self._has_importance, self._omega_live = True, False
 
     # -- regulariser ---------------------------------------------------------------------------------------
     def penalty(self) -> Tensor:
         """``strength * sum(Omega * (theta - theta_prev)^2)``, a 0-dim tensor differentiable in the params."""
-        return self.strength * ops.si_penalty(self.importance, self.prev, self.params)
+        parts = [ops.si_penalty(*lists) for lists in self._split(self.importance, self.prev, self.params)]
+        return self.strength * (parts[0] if len(parts) == 1 else sum(parts[1:], parts[0]))
 
     def add_penalty_grad(self) -> None:
         """Add the penalty's gradient ``strength * 2 * Omega * (theta - theta_prev)`` straight into ``.grad``
         (no autograd graph); call it after ``loss.backward()``."""
-        ops.si_penalty_grad_(self._grads("add_penalty_grad"), self.importance, self.prev, self._detached(),
-                              self.strength)
+        for lists in self._split(self._grads("add_penalty_grad"), self.importance, self.prev, self._detached()):
+            ops.si_penalty_grad_(*lists, self.strength)
 
     # -- state -----------------------------------------------------------------------------------------------
     def _names(self, k: int):
@@ -321,6 +328,12 @@ class SI:
         self._has_importance, self._omega_live = any(present[0]), any(present[2])
 
     # -- helpers ---------------------------------------------------------------------------------------------
+    def _split(self, *lists: List[Tensor]):
+        """The parallel lists cut into the parameters' (dtype, device) groups."""
+        if len(self._groups) == 1:
+            return [lists]
+        return [tuple([lst[k] for k in group] for lst in lists) for group in self._groups]
+
     def _detached(self) -> List[Tensor]:
         return [p.detach() for p in self.params]
 

@@ -245,6 +245,14 @@ def test_mixed_dtype_parameter_groups_step_like_torch(backend, kind):
     for a, b in zip(p, twin):
         torch.testing.assert_close(a.detach(), b.detach())
     assert si.omega[1].dtype == torch.float64 and bool(si.omega[1].abs().sum() > 0)
+    si.consolidate()  # one call per dtype, like the optimizer
+    for a in p:
+        a.grad = torch.randn_like(a)
+    opt.step()  # away from the anchor, so the penalty is not 0
+    penalty = si.penalty()
+    expected = sum((imp.double() * (q.detach().double() - pv.double()) ** 2).sum()
+                   for imp, pv, q in zip(si.importance, si.prev, p))
+    assert penalty.dtype == torch.float64 and float(penalty) > 0 and torch.allclose(penalty, expected)
 
 
 def test_sgd_with_si_and_untracked_parameters_steps_every_bucket(backend):
@@ -451,3 +459,25 @@ def test_reservoir_buffer_takes_a_batch_read_from_its_own_storage(backend):
     buf.add(torch.arange(12.).view(6, 2))
     buf.add(buf.storage[0][:3])  # a view of the storage: copied before the op reads it
     assert buf.num_seen == 9
+
+
+def test_penalty_backwards_differentiate_only_what_requires_grad(backend):
+    imp = [torch.rand(4) + 0.1, (torch.rand(3) + 0.1).requires_grad_()]
+    prev = [torch.randn(4), torch.randn(3)]
+    p = [torch.randn(4, requires_grad=True), torch.randn(3)]
+    clfast.ops.si_penalty(imp, prev, p).backward()
+    assert p[0].grad is not None and imp[1].grad is not None
+    assert imp[0].grad is None and prev[0].grad is None and p[1].grad is None
+
+
+def test_kron_quadratic_rechecks_a_factor_changed_in_place(backend):
+    g = torch.Generator().manual_seed(2)
+    a = [torch.eye(3, dtype=torch.float64)]
+    gg = [torch.eye(2, dtype=torch.float64)]
+    for step in range(2):
+        v = [torch.randn(2, 3, generator=g, dtype=torch.float64, requires_grad=True)]
+        clfast.ops.kron_quadratic(a, gg, v).backward()
+        want = torch.autograd.grad(((gg[0] @ v[0] @ a[0]) * v[0]).sum(), v[0])[0]
+        torch.testing.assert_close(v[0].grad, want)
+        with torch.no_grad():
+            gg[0][0, 1] += 1.0  # no longer symmetric: the next backward takes the general gradient

@@ -20,6 +20,11 @@ def kron_mv(scale: Tensor, a: Sequence[Tensor], g: Sequence[Tensor], v: Sequence
     return op("kron_mv")(scale, list(a), list(g), list(v))
 
 
+def _flags(needs, n: int) -> list:
+    """``ctx.needs_input_grad`` of a ``Tensor[]`` argument as one bool per tensor."""
+    return list(needs) if isinstance(needs, (list, tuple)) else [bool(needs)] * n
+
+
 if native_available():
 
     @torch.library.register_fake("clfast::kron_quadratic")
@@ -39,28 +44,44 @@ if native_available():
         ctx.save_for_backward(*a, *g, *v, *output[1])
 
     def _symmetric(factors) -> bool:
-        """Whether every factor is exactly symmetric: one host read for all of them (the general gradient costs two
-        GEMMs more per block). Under tracing no value can be read, so the general gradient is traced."""
+        """Whether every factor is exactly symmetric. A factor's answer is kept on it while its version counter stays,
+        so the persistent Fisher factors of EWC are compared once; the others cost one host read for all of them
+        (the general gradient costs two GEMMs more per block). Under tracing no value can be read, so the
+        general gradient is traced."""
         if torch.compiler.is_compiling() or torch._guards.detect_fake_mode(factors) is not None:
             return False
-        return bool(torch.stack([(f == f.mT).all() for f in factors]).all())
+        unknown = []
+        for f in factors:
+            known = getattr(f, "_clfast_symmetric", None)  # (version counter, verdict)
+            if known is None or f.is_inference() or known[0] != f._version:
+                unknown.append(f)
+            elif not known[1]:
+                return False
+        if unknown:
+            verdicts = torch.stack([(f == f.mT).all() for f in unknown]).tolist()
+            for f, verdict in zip(unknown, verdicts):
+                if not f.is_inference():  # an inference tensor keeps no version counter
+                    f._clfast_symmetric = (f._version, verdict)
+            return all(verdicts)
+        return True
 
     def _kron_backward(ctx, grad, _grad_products):
         n = ctx.n
         saved = ctx.saved_tensors
         a, g, v, products = saved[:n], saved[n:2 * n], saved[2 * n:3 * n], saved[3 * n:]
-        needs_a, needs_g, needs_v = ctx.needs_input_grad
-        grad_a = grad_g = grad_v = None
-        if needs_v:
+        needs_a, needs_g, needs_v = (_flags(f, n) for f in ctx.needs_input_grad)
+        grad_a = grad_g = grad_v = [None] * n  # one entry per tensor of each list argument
+        if any(needs_v):
             # d/dv tr(v^T g v a) = g v a + g^T v a^T: twice the forward's product when the factors are symmetric.
             if _symmetric(list(a) + list(g)):
-                grad_v = [t * (2 * grad) for t in products]
+                grad_v = [t * (2 * grad) if k else None for t, k in zip(products, needs_v)]
             else:
-                grad_v = [(t + gi.mT @ vi @ ai.mT) * grad for t, ai, gi, vi in zip(products, a, g, v)]
-        if needs_a:
-            grad_a = [vi.mT @ gi.mT @ vi * grad for gi, vi in zip(g, v)]  # d/da = v^T g^T v
-        if needs_g:
-            grad_g = [vi @ ai.mT @ vi.mT * grad for ai, vi in zip(a, v)]  # d/dg = v a^T v^T
+                grad_v = [(t + gi.mT @ vi @ ai.mT) * grad if k else None
+                          for t, ai, gi, vi, k in zip(products, a, g, v, needs_v)]
+        if any(needs_a):
+            grad_a = [vi.mT @ gi.mT @ vi * grad if k else None for gi, vi, k in zip(g, v, needs_a)]  # v^T g^T v
+        if any(needs_g):
+            grad_g = [vi @ ai.mT @ vi.mT * grad if k else None for ai, vi, k in zip(a, v, needs_g)]  # v a^T v^T
         return grad_a, grad_g, grad_v
 
     torch.library.register_autograd("clfast::kron_quadratic", _kron_backward, setup_context=_kron_setup)

@@ -44,6 +44,11 @@ def si_penalty_grad_(
         op("si_penalty_grad_")(list(grads), list(importance), list(prev), list(params), float(scale))
 
 
+def _flags(needs, n: int) -> list:
+    """``ctx.needs_input_grad`` of a ``Tensor[]`` argument as one bool per tensor."""
+    return list(needs) if isinstance(needs, (list, tuple)) else [bool(needs)] * n
+
+
 if native_available():
 
     @torch.library.register_fake("clfast::si_accumulate_")
@@ -79,14 +84,15 @@ if native_available():
         n = ctx.n
         saved = ctx.saved_tensors
         importance, prev, params = saved[:n], saved[n:2 * n], saved[2 * n:]
-        needs_imp, needs_prev, needs_params = ctx.needs_input_grad
-        grad_params = grad_prev = grad_imp = None
-        if needs_params or needs_prev:
+        # one flag per tensor of each list argument
+        needs_imp, needs_prev, needs_params = (_flags(f, n) for f in ctx.needs_input_grad)
+        grad_imp = grad_prev = grad_params = [None] * n  # one entry per tensor of each list argument
+        if any(needs_params) or any(needs_prev):
             d = torch.ops.clfast.si_penalty_backward(grad, list(importance), list(prev), list(params))
-            grad_params = d if needs_params else None
-            grad_prev = [-t for t in d] if needs_prev else None
-        if needs_imp:
-            grad_imp = [grad * (p - pv) ** 2 for p, pv in zip(params, prev)]
+            grad_params = [t if k else None for t, k in zip(d, needs_params)]
+            grad_prev = [-t if k else None for t, k in zip(d, needs_prev)]
+        if any(needs_imp):
+            grad_imp = [grad * (p - pv) ** 2 if k else None for p, pv, k in zip(params, prev, needs_imp)]
         return grad_imp, grad_prev, grad_params
 
     torch.library.register_autograd("clfast::si_penalty", _si_penalty_backward, setup_context=_si_penalty_setup)
