@@ -252,7 +252,7 @@ def test_mixed_dtype_parameter_groups_step_like_torch(backend, kind):
     penalty = si.penalty()
     expected = sum((imp.double() * (q.detach().double() - pv.double()) ** 2).sum()
                    for imp, pv, q in zip(si.importance, si.prev, p))
-    assert penalty.dtype == torch.float64 and float(penalty) > 0 and torch.allclose(penalty, expected)
+    assert penalty.dtype == torch.float64 and float(penalty.detach()) > 0 and torch.allclose(penalty.detach(), expected)
 
 
 def test_sgd_with_si_and_untracked_parameters_steps_every_bucket(backend):
