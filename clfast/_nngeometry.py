@@ -167,6 +167,7 @@ class KFACFisher:
     def prepare(layers: Layers, fisher, coef: float, anchor: List[Tensor]) -> dict:
         a = [fisher.data[lid][0] for lid, _, _ in layers]
         g = [coef * fisher.data[lid][1] for lid, _, _ in layers]
+        ops.kron.check_symmetric(a + g)  # at consolidation, so no backward reads a value
         return {"a": a, "g": g, "anchor": layers.matrices(anchor)}
 
     @staticmethod
@@ -198,13 +199,14 @@ class DenseFisher:
 
     @staticmethod
     def prepare(layers: Layers, fisher, coef: float, anchor: List[Tensor]) -> dict:
-        return {"g": coef * fisher.data, "anchor": torch.cat([p.reshape(-1) for p in anchor])}
+        g, one = coef * fisher.data, fisher.data.new_ones(1, 1)
+        ops.kron.check_symmetric([g, one])  # at consolidation, so no backward reads a value
+        return {"g": g, "one": one, "anchor": torch.cat([p.reshape(-1) for p in anchor])}
 
     @staticmethod
     def _blocks(tasks: List[dict], params: List[Tensor]):
         flat = torch.cat([p.reshape(-1) for p in params])
-        ones = params[0].new_ones(1, 1)
-        return [ones] * len(tasks), [f["g"] for f in tasks], [(flat - f["anchor"])[:, None] for f in tasks]
+        return [f["one"] for f in tasks], [f["g"] for f in tasks], [(flat - f["anchor"])[:, None] for f in tasks]
 
     @classmethod
     def penalty(cls, layers: Layers, tasks: List[dict], params: List[Tensor]) -> Tensor:

@@ -481,3 +481,20 @@ def test_kron_quadratic_rechecks_a_factor_changed_in_place(backend):
         torch.testing.assert_close(v[0].grad, want)
         with torch.no_grad():
             gg[0][0, 1] += 1.0  # no longer symmetric: the next backward takes the general gradient
+
+
+@pytest.mark.parametrize("representation", ["kfac", "dense"])
+def test_ewc_checks_its_factors_at_consolidation_not_in_the_backward(backend, representation, monkeypatch):
+    pytest.importorskip("nngeometry")
+    from torch.utils.data import DataLoader, TensorDataset
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    ewc = clfast.EWC(net, representation)
+    ewc.consolidate(DataLoader(TensorDataset(torch.randn(16, 4), torch.randint(0, 3, (16,))), batch_size=8))
+    with torch.no_grad():
+        net[0].weight.add_(0.1)
+    reads = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or real(self))
+    ewc.penalty().backward()
+    assert not reads and net[0].weight.grad is not None

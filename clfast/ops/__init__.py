@@ -1,6 +1,7 @@
 """The Python face of clfast's ops, one module per op family (wrapper, fake kernels, autograd), and the backend
 switch (:mod:`clfast.ops._backend`): modules call these functions, never ``torch.ops.clfast`` directly."""
 from ._backend import BACKENDS, backend, native_available, set_backend
+from . import kron
 from .cbp import cbp_replace_, cbp_update_
 from .dan import dan_layer
 from .kron import kron_mv, kron_quadratic

@@ -85,3 +85,8 @@ def one_device(op_name: str, *args) -> None:
                 elif t.device != first.device:
                     raise RuntimeError(f"clfast.{op_name}: tensors on {first.device} and {t.device}; all tensors "
                                        "must be on one device")
+
+
+def list_flags(needs, n: int) -> list:
+    """``ctx.needs_input_grad`` of a ``Tensor[]`` argument (a list per argument) as one bool per tensor."""
+    return list(needs) if isinstance(needs, (list, tuple)) else [bool(needs)] * n

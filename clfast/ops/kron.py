@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._backend import native_available, one_device, op
+from ._backend import list_flags, native_available, one_device, op
 
 
 def kron_quadratic(a: Sequence[Tensor], g: Sequence[Tensor], v: Sequence[Tensor]) -> Tensor:
@@ -20,9 +20,28 @@ def kron_mv(scale: Tensor, a: Sequence[Tensor], g: Sequence[Tensor], v: Sequence
     return op("kron_mv")(scale, list(a), list(g), list(v))
 
 
-def _flags(needs, n: int) -> list:
-    """``ctx.needs_input_grad`` of a ``Tensor[]`` argument as one bool per tensor."""
-    return list(needs) if isinstance(needs, (list, tuple)) else [bool(needs)] * n
+def check_symmetric(factors: Sequence[Tensor]) -> bool:
+    """Whether every factor is exactly symmetric, which lets ``kron_quadratic``'s backward reuse the forward's
+    products (the general gradient costs two GEMMs more per block). The verdict is kept on each factor while its
+    version counter stays: a module with persistent factors (EWC) calls this when it stores them, outside the
+    training step, and the backwards then read no value. Unknown factors cost one host read for all of them.
+    Under tracing no value can be read, so the general gradient is traced."""
+    if torch.compiler.is_compiling() or torch._guards.detect_fake_mode(list(factors)) is not None:
+        return False
+    unknown = []
+    for f in factors:
+        known = getattr(f, "_clfast_symmetric", None)  # (version counter, verdict)
+        if known is None or f.is_inference() or known[0] != f._version:
+            unknown.append(f)
+        elif not known[1]:
+            return False
+    if unknown:
+        verdicts = torch.stack([(f == f.mT).all() for f in unknown]).tolist()
+        for f, verdict in zip(unknown, verdicts):
+            if not f.is_inference():  # an inference tensor keeps no version counter
+                f._clfast_symmetric = (f._version, verdict)
+        return all(verdicts)
+    return True
 
 
 if native_available():
@@ -43,37 +62,16 @@ if native_available():
         ctx.mark_non_differentiable(*output[1])
         ctx.save_for_backward(*a, *g, *v, *output[1])
 
-    def _symmetric(factors) -> bool:
-        """Whether every factor is exactly symmetric. A factor's answer is kept on it while its version counter stays,
-        so the persistent Fisher factors of EWC are compared once; the others cost one host read for all of them
-        (the general gradient costs two GEMMs more per block). Under tracing no value can be read, so the
-        general gradient is traced."""
-        if torch.compiler.is_compiling() or torch._guards.detect_fake_mode(factors) is not None:
-            return False
-        unknown = []
-        for f in factors:
-            known = getattr(f, "_clfast_symmetric", None)  # (version counter, verdict)
-            if known is None or f.is_inference() or known[0] != f._version:
-                unknown.append(f)
-            elif not known[1]:
-                return False
-        if unknown:
-            verdicts = torch.stack([(f == f.mT).all() for f in unknown]).tolist()
-            for f, verdict in zip(unknown, verdicts):
-                if not f.is_inference():  # an inference tensor keeps no version counter
-                    f._clfast_symmetric = (f._version, verdict)
-            return all(verdicts)
-        return True
 
     def _kron_backward(ctx, grad, _grad_products):
         n = ctx.n
         saved = ctx.saved_tensors
         a, g, v, products = saved[:n], saved[n:2 * n], saved[2 * n:3 * n], saved[3 * n:]
-        needs_a, needs_g, needs_v = (_flags(f, n) for f in ctx.needs_input_grad)
+        needs_a, needs_g, needs_v = (list_flags(f, n) for f in ctx.needs_input_grad)
         grad_a = grad_g = grad_v = [None] * n  # one entry per tensor of each list argument
         if any(needs_v):
             # d/dv tr(v^T g v a) = g v a + g^T v a^T: twice the forward's product when the factors are symmetric.
-            if _symmetric(list(a) + list(g)):
+            if check_symmetric(list(a) + list(g)):
                 grad_v = [t * (2 * grad) if k else None for t, k in zip(products, needs_v)]
             else:
                 grad_v = [(t + gi.mT @ vi @ ai.mT) * grad if k else None

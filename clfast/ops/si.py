@@ -6,7 +6,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._backend import native_available, one_device, op
+from ._backend import list_flags, native_available, one_device, op
 
 
 def si_accumulate_(
@@ -42,11 +42,6 @@ def si_penalty_grad_(
     """``grads_i += scale * 2 * importance_i * (params_i - prev_i)`` with no autograd graph."""
     if len(params):
         op("si_penalty_grad_")(list(grads), list(importance), list(prev), list(params), float(scale))
-
-
-def _flags(needs, n: int) -> list:
-    """``ctx.needs_input_grad`` of a ``Tensor[]`` argument as one bool per tensor."""
-    return list(needs) if isinstance(needs, (list, tuple)) else [bool(needs)] * n
 
 
 if native_available():
@@ -85,7 +80,7 @@ if native_available():
         saved = ctx.saved_tensors
         importance, prev, params = saved[:n], saved[n:2 * n], saved[2 * n:]
         # one flag per tensor of each list argument
-        needs_imp, needs_prev, needs_params = (_flags(f, n) for f in ctx.needs_input_grad)
+        needs_imp, needs_prev, needs_params = (list_flags(f, n) for f in ctx.needs_input_grad)
         grad_imp = grad_prev = grad_params = [None] * n  # one entry per tensor of each list argument
         if any(needs_params) or any(needs_prev):
             d = torch.ops.clfast.si_penalty_backward(grad, list(importance), list(prev), list(params))

@@ -7,7 +7,9 @@ from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+from ._checks import check_memory
 
 __all__ = ["dan_layer", "dan_bn_update_", "ACTIVATIONS"]
 
@@ -110,7 +112,6 @@ def _check_layer(x, g1, b1, w1, c1, g2, b2, w2, c2, w3, c3, stats, training: boo
         g = n if x.dim() == 3 else 1
         _check_bn_update([("first", rm1, rv1, nb1, x.new_empty(g * ni), x.new_empty(g * ni)),
                           ("second", rm2, rv2, nb2, x.new_empty(n * nf), x.new_empty(n * nf))], batch)
-        from ._checks import check_memory
         check_memory("dan_bn_update_", *[(name, [t], True) for name, t in zip(
             ("running_mean1", "running_var1", "num_batches1", "running_mean2", "running_var2", "num_batches2"),
             stats)])
@@ -199,7 +200,6 @@ def dan_bn_update_(running_mean1: Tensor, running_var1: Tensor, num_batches1: Te
     groups = [("first", running_mean1, running_var1, num_batches1, mean1, var1),
               ("second", running_mean2, running_var2, num_batches2, mean2, var2)]
     _check_bn_update(groups, batch)
-    from ._checks import check_memory
     check_memory("dan_bn_update_", *[(n, [t], True) for n, t in (
         ("running_mean1", running_mean1), ("running_var1", running_var1), ("num_batches1", num_batches1),
         ("running_mean2", running_mean2), ("running_var2", running_var2), ("num_batches2", num_batches2))],

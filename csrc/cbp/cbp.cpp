@@ -50,13 +50,6 @@ int64_t cbp_group(const char* op, const at::Tensor& w_next, int64_t units, const
 // Contiguous in the default (row-major) order, which the kernels address: a channels_last weight is copied.
 at::Tensor rowmajor(const at::Tensor& t) { return t.contiguous(); }
 
-void write_back(const at::Tensor& orig, const at::Tensor& work) {
-  if (!orig.is_same(work)) {
-    const at::AutoDispatchBelowADInplaceOrView below;  // one version bump per tensor, by the front
-    orig.copy_(work);
-  }
-}
-
 void cbp_update_(at::TensorList utility, at::TensorList mean, at::TensorList age, at::TensorList features,
                  at::TensorList w_next, at::TensorList w_cur, double decay, c10::string_view utility_name) {
   constexpr const char* op = "cbp_update_";
@@ -138,9 +131,9 @@ at::Tensor cbp_replace_(const at::Tensor& w_cur, const std::optional<at::Tensor>
                   decay, maturity_threshold};
   launch(op, w_cur.device(), args);
   write_back(w_cur, args.w_cur);
-  if (has_b_cur) write_back(bc, args.b_cur);
+  write_back(bc, args.b_cur);
   write_back(w_next, args.w_next);
-  if (has_b_next) write_back(bn, args.b_next);
+  write_back(bn, args.b_next);
   write_back(utility, args.utility);
   write_back(mean, args.mean);
   write_back(age, args.age);

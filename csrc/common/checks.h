@@ -162,6 +162,15 @@ inline void bump_version(const std::optional<at::Tensor>& t) {
   if (t.has_value() && t->defined()) t->unsafeGetTensorImpl()->bump_version();
 }
 
+// Copies the kernels' contiguous working copy back into the tensor the caller passed, if they differ. Below
+// ADInplaceOrView: the front bumps each version once, as ATen does.
+inline void write_back(const at::Tensor& orig, const at::Tensor& work) {
+  if (orig.defined() && !orig.is_same(work)) {
+    const at::AutoDispatchBelowADInplaceOrView below;
+    orig.copy_(work);
+  }
+}
+
 // Contiguous views of a list for the kernels. For a list the op writes, finish() copies results back into
 // any original that was not contiguous (the kernels address elements linearly). The front has checked that
 // such a copy cannot fail.
@@ -172,9 +181,7 @@ struct ContigList {
     for (const at::Tensor& t : orig) work.push_back(t.contiguous());
   }
   void finish() {
-    const at::AutoDispatchBelowADInplaceOrView below;  // the front bumps each version once, as ATen does
-    for (size_t i = 0; i < orig.size(); ++i)
-      if (!orig[i].is_same(work[i])) orig[i].copy_(work[i]);
+    for (size_t i = 0; i < orig.size(); ++i) write_back(orig[i], work[i]);
   }
   size_t size() const { return work.size(); }
   bool empty() const { return work.empty(); }
