@@ -102,7 +102,7 @@ void require_a_tensor(const c10::OperatorHandle& op, c10::DispatchKeySet keys, t
     const c10::IValue& v = (*stack)[i];
     any = (v.isTensor() && v.toTensor().defined()) || (v.isTensorList() && !v.toTensorList().empty());
   }
-  TORCH_CHECK(any, "clfast.", op.schema().name().substr(sizeof("clfast::") - 1),
+  TORCH_CHECK(any, "clfast.", op.schema().name().substr(op.schema().name().find("::") + 2),
               ": expected at least one tensor, got only empty lists");
   op.redispatchBoxed(keys & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, c10::DispatchKey::BackendSelect),
                      stack);

@@ -63,6 +63,26 @@ def set_backend(name: str) -> None:
     _backend = name
 
 
+_registrars: List[Callable[[str], None]] = []
+
+
+def registrar(register: Callable[[str], None]) -> Callable[[str], None]:
+    """Decorates an ops module's ``_register(ns)``, which registers the fake kernels and Python autograd of its ops
+    in the op namespace ``ns``: run now for ``clfast`` when the extension is loaded, and again by
+    :func:`register_namespace` for another build of the same ops."""
+    _registrars.append(register)
+    if native_available():
+        register("clfast")
+    return register
+
+
+def register_namespace(ns: str) -> None:
+    """Registers every ops module's fake kernels and autograd for ``torch.ops.<ns>``, a library built from the
+    same sources under another namespace (the tests' emulated CUDA library, tests/cuemu)."""
+    for register in _registrars:
+        register(ns)
+
+
 def op(name: str) -> Callable:
     """``torch.ops.clfast.<name>`` on the native backend, ``clfast.reference.<name>`` on the reference one."""
     if _backend == "native":

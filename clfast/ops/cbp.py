@@ -6,7 +6,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._backend import native_available, one_device, op
+from ._backend import one_device, op, registrar
 
 
 def cbp_update_(utility: List[Tensor], mean: List[Tensor], age: List[Tensor], features: List[Tensor],
@@ -25,13 +25,15 @@ def cbp_replace_(w_cur: Tensor, b_cur: Optional[Tensor], w_next: Tensor, b_next:
                                int(maturity_threshold))
 
 
-if native_available():
+@registrar
+def _register(ns: str) -> None:
+    """Fake kernels and autograd of the ops in namespace ``ns``."""
 
-    @torch.library.register_fake("clfast::cbp_update_")
+    @torch.library.register_fake(f"{ns}::cbp_update_")
     def _(utility, mean, age, features, w_next, w_cur, decay, utility_type):
         one_device("cbp_update_", utility, mean, age, features, w_next, w_cur)
 
-    @torch.library.register_fake("clfast::cbp_replace_")
+    @torch.library.register_fake(f"{ns}::cbp_replace_")
     def _(w_cur, b_cur, w_next, b_next, utility, mean, age, new_weights, decay, maturity_threshold):
         one_device("cbp_replace_", w_cur, b_cur, w_next, b_next, utility, mean, age, new_weights)
         return utility.new_empty((new_weights.shape[0],), dtype=torch.long)

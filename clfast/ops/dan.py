@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ._backend import native_available, one_device, op
+from ._backend import one_device, op, registrar
 
 
 
@@ -27,9 +27,11 @@ def dan_layer(x: Tensor, params: Sequence[Optional[Tensor]], stats: Sequence[Ten
 # dan_layer_forward's saved tensors, in its schema's order (csrc/dan/dan.h: DanSaved).
 SAVED = ("u1", "s1", "u2", "z2", "a2", "Weff1", "Weff2", "mean1", "var1", "mean2", "var2")
 
-if native_available():
+@registrar
+def _register(ns: str) -> None:
+    """Fake kernels and autograd of the ops in namespace ``ns``."""
 
-    @torch.library.register_fake("clfast::dan_layer_forward")
+    @torch.library.register_fake(f"{ns}::dan_layer_forward")
     def _(x, g1, b1, w1, c1, g2, b2, w2, c2, w3, c3, rm1, rv1, rm2, rv2, eps, act):
         one_device("dan_layer", x, g1, b1, w1, c1, g2, b2, w2, c2, w3, c3, rm1, rv1, rm2, rv2)
         (n, nf, ni), no, batch, training = w1.shape, w3.shape[1], x.shape[-2], rm1 is None
@@ -43,7 +45,7 @@ if native_available():
         saved = [saved[name] for name in SAVED]
         return x.new_empty((batch, n * no)), saved
 
-    @torch.library.register_fake("clfast::dan_layer_backward")
+    @torch.library.register_fake(f"{ns}::dan_layer_backward")
     def _(grad_out, x, g1, b1, w1, g2, b2, w2, w3, rm1, rv1, rm2, rv2, saved, eps, act, input_grad):
         one_device("dan_layer_backward", grad_out, x, g1, b1, w1, g2, b2, w2, w3, rm1, rv1, rm2, rv2, saved)
         n, nf = w1.shape[:2]
@@ -51,7 +53,7 @@ if native_available():
                 torch.empty_like(w1), x.new_empty((n, nf)), torch.empty_like(g2), torch.empty_like(b2),
                 torch.empty_like(w2), x.new_empty((n, nf)), torch.empty_like(w3), x.new_empty((n, w3.shape[1]))]
 
-    @torch.library.register_fake("clfast::dan_bn_update_")
+    @torch.library.register_fake(f"{ns}::dan_bn_update_")
     def _(rm1, rv1, nb1, rm2, rv2, nb2, mean1, var1, mean2, var2, momentum, batch):
         one_device("dan_bn_update_", rm1, rv1, nb1, rm2, rv2, nb2, mean1, var1, mean2, var2)
 

@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._backend import list_flags, native_available, one_device, op
+from ._backend import list_flags, one_device, op, registrar
 
 
 def kron_quadratic(a: Sequence[Tensor], g: Sequence[Tensor], v: Sequence[Tensor]) -> Tensor:
@@ -44,14 +44,16 @@ def check_symmetric(factors: Sequence[Tensor]) -> bool:
     return True
 
 
-if native_available():
+@registrar
+def _register(ns: str) -> None:
+    """Fake kernels and autograd of the ops in namespace ``ns``."""
 
-    @torch.library.register_fake("clfast::kron_quadratic")
+    @torch.library.register_fake(f"{ns}::kron_quadratic")
     def _(a, g, v):
         one_device("kron_quadratic", a, g, v)
         return v[0].new_empty(()), [torch.empty_like(x, memory_format=torch.contiguous_format) for x in v]
 
-    @torch.library.register_fake("clfast::kron_mv")
+    @torch.library.register_fake(f"{ns}::kron_mv")
     def _(scale, a, g, v):
         one_device("kron_mv", scale, a, g, v)
         return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in v]
@@ -82,4 +84,4 @@ if native_available():
             grad_g = [vi @ ai.mT @ vi.mT * grad if k else None for ai, vi, k in zip(a, v, needs_g)]  # v a^T v^T
         return grad_a, grad_g, grad_v
 
-    torch.library.register_autograd("clfast::kron_quadratic", _kron_backward, setup_context=_kron_setup)
+    torch.library.register_autograd(f"{ns}::kron_quadratic", _kron_backward, setup_context=_kron_setup)

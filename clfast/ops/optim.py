@@ -6,7 +6,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._backend import native_available, one_device, op
+from ._backend import one_device, op, registrar
 
 
 def sgd_si_step_(
@@ -31,12 +31,14 @@ def adam_si_step_(
                              float(eps), float(weight_decay), float(bias_correction1), float(bias_correction2))
 
 
-if native_available():
+@registrar
+def _register(ns: str) -> None:
+    """Fake kernels and autograd of the ops in namespace ``ns``."""
 
-    @torch.library.register_fake("clfast::sgd_si_step_")
+    @torch.library.register_fake(f"{ns}::sgd_si_step_")
     def _(params, grads, momentum_buffers, omega, lr, momentum, dampening, weight_decay, nesterov, init_buffers):
         one_device("sgd_si_step_", params, grads, momentum_buffers, omega)
 
-    @torch.library.register_fake("clfast::adam_si_step_")
+    @torch.library.register_fake(f"{ns}::adam_si_step_")
     def _(params, grads, exp_avg, exp_avg_sq, omega, lr, beta1, beta2, eps, weight_decay, bc1, bc2):
         one_device("adam_si_step_", params, grads, exp_avg, exp_avg_sq, omega)

@@ -6,7 +6,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._backend import native_available, one_device, op
+from ._backend import one_device, op, registrar
 
 
 def reservoir_add_(storage: List[Tensor], batch: List[Tensor], draws: Tensor, num_seen: int) -> None:
@@ -14,8 +14,10 @@ def reservoir_add_(storage: List[Tensor], batch: List[Tensor], draws: Tensor, nu
     op("reservoir_add_")(storage, batch, draws, int(num_seen))
 
 
-if native_available():
+@registrar
+def _register(ns: str) -> None:
+    """Fake kernels and autograd of the ops in namespace ``ns``."""
 
-    @torch.library.register_fake("clfast::reservoir_add_")
+    @torch.library.register_fake(f"{ns}::reservoir_add_")
     def _(storage, batch, draws, num_seen):
         one_device("reservoir_add_", storage, batch, draws)

@@ -6,7 +6,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._backend import list_flags, native_available, one_device, op
+from ._backend import list_flags, one_device, op, registrar
 
 
 def si_accumulate_(
@@ -44,27 +44,29 @@ def si_penalty_grad_(
         op("si_penalty_grad_")(list(grads), list(importance), list(prev), list(params), float(scale))
 
 
-if native_available():
+@registrar
+def _register(ns: str) -> None:
+    """Fake kernels and autograd of the ops in namespace ``ns``."""
 
-    @torch.library.register_fake("clfast::si_accumulate_")
+    @torch.library.register_fake(f"{ns}::si_accumulate_")
     def _(omega, params, ref, grads, ref_is_delta):
         one_device("si_accumulate_", omega, params, ref, grads)
 
-    @torch.library.register_fake("clfast::si_consolidate_")
+    @torch.library.register_fake(f"{ns}::si_consolidate_")
     def _(importance, prev, omega, params, epsilon):
         one_device("si_consolidate_", importance, prev, omega, params)
 
-    @torch.library.register_fake("clfast::si_penalty")
+    @torch.library.register_fake(f"{ns}::si_penalty")
     def _(importance, prev, params):
         one_device("si_penalty", importance, prev, params)
         return params[0].new_empty(())
 
-    @torch.library.register_fake("clfast::si_penalty_backward")
+    @torch.library.register_fake(f"{ns}::si_penalty_backward")
     def _(grad_out, importance, prev, params):
         one_device("si_penalty_backward", grad_out, importance, prev, params)
         return [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
 
-    @torch.library.register_fake("clfast::si_penalty_grad_")
+    @torch.library.register_fake(f"{ns}::si_penalty_grad_")
     def _(grads, importance, prev, params, scale):
         one_device("si_penalty_grad_", grads, importance, prev, params)
 
@@ -83,11 +85,11 @@ if native_available():
         needs_imp, needs_prev, needs_params = (list_flags(f, n) for f in ctx.needs_input_grad)
         grad_imp = grad_prev = grad_params = [None] * n  # one entry per tensor of each list argument
         if any(needs_params) or any(needs_prev):
-            d = torch.ops.clfast.si_penalty_backward(grad, list(importance), list(prev), list(params))
+            d = getattr(torch.ops, ns).si_penalty_backward(grad, list(importance), list(prev), list(params))
             grad_params = [t if k else None for t, k in zip(d, needs_params)]
             grad_prev = [-t if k else None for t, k in zip(d, needs_prev)]
         if any(needs_imp):
             grad_imp = [grad * (p - pv) ** 2 if k else None for p, pv, k in zip(params, prev, needs_imp)]
         return grad_imp, grad_prev, grad_params
 
-    torch.library.register_autograd("clfast::si_penalty", _si_penalty_backward, setup_context=_si_penalty_setup)
+    torch.library.register_autograd(f"{ns}::si_penalty", _si_penalty_backward, setup_context=_si_penalty_setup)

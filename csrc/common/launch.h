@@ -22,11 +22,20 @@ Launchers<Params>& launchers() {
 template <typename Params>
 void launch(const char* op, const c10::Device& device, const Params& params) {
   const Launchers<Params>& table = launchers<Params>();
+#if defined(CLFAST_CUEMU)  // the emulated build (csrc/common/cuda_host.h): CPU tensors stand for the CUDA device
+  void (*fn)(const Params&) = device.is_cpu() ? table.cuda : nullptr;
+#else
   void (*fn)(const Params&) = device.is_cpu() ? table.cpu : device.is_cuda() ? table.cuda : nullptr;
+#endif
   TORCH_CHECK(fn != nullptr, "clfast.", op, ": no kernel for tensors on ", device,
               device.is_cuda() ? " (this build of clfast has no CUDA kernels)" : "");
   fn(params);
 }
+
+#define CLFAST_STRINGIFY_(x) #x
+#define CLFAST_STRINGIFY(x) CLFAST_STRINGIFY_(x)
+// The op namespace as a string: "clfast", or the emulated build's, which renames the namespace.
+#define CLFAST_NAMESPACE CLFAST_STRINGIFY(clfast)
 
 #define CLFAST_CONCAT_(a, b) a##b
 #define CLFAST_CONCAT(a, b) CLFAST_CONCAT_(a, b)

@@ -2,12 +2,10 @@
 // kernel arguments and launches on the current stream.
 #pragma once
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <vector>
 
+#include "cuda_host.h"
 #include "multi_tensor.cuh"
 
 namespace clfast::cuda {
@@ -23,14 +21,13 @@ inline int64_t total_blocks(const std::vector<at::Tensor>& ref) {
 template <int N, typename Functor, typename... Args>
 void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, Functor f, Args... args) {
   TORCH_CHECK(lists.size() == N, "multi_tensor_apply: expected ", N, " lists");
-  const c10::cuda::CUDAGuard guard(lists[0][0].device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(lists[0][0].device());
+  const Stream stream = current_stream();
   TensorListMeta<N> meta;
   meta.block_base = 0;
   int slots = 0, blocks = 0;
   auto launch = [&] {
-    multi_tensor_kernel<N><<<blocks, kThreads, 0, stream>>>(meta, f, args...);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    CLFAST_LAUNCH((multi_tensor_kernel<N, Functor, Args...>), blocks, kThreads, 0, stream, meta, f, args...);
     meta.block_base += blocks;
     blocks = 0;
   };

@@ -1,10 +1,9 @@
-// DAN layer ops on the CPU: the column passes of csrc/dan/dan.h. Each pass works on tiles of kTile columns
+// DAN launchers on the CPU: the passes of csrc/dan/dan.h. Each pass works on tiles of kTile columns
 // of the logical [B, C] activation matrix (contiguous in both layouts), one tile per task of at::parallel_for.
 // Full tiles have a compile-time width, so their row loops vectorise; column sums run in scalar_t over blocks
 // of kRowBlock rows and are added up in double.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -48,18 +47,10 @@ inline void column_sums(int64_t B, Wd W, double (&out)[K][kTile], F&& add) {
   }
 }
 
-// Element (b, g * Cg + j) of a [B, C] matrix sits at base(g) + b * row + j.
-struct View {
-  int64_t group_base, row;
-  View(bool grouped, int64_t B, int64_t C, int64_t groups)
-      : group_base(grouped ? B * (C / groups) : C / groups), row(grouped ? C / groups : C) {}
-  int64_t at(int64_t g, int64_t b) const { return g * group_base + b * row; }
-};
-
 // Runs f(g, j0, width) for every tile of kTile columns, in parallel when the work is large enough.
 template <typename F>
-void for_tiles(int64_t B, int64_t C, int64_t groups, F&& f) {
-  const int64_t Cg = C / groups, tiles_per_group = (Cg + kTile - 1) / kTile, tiles = groups * tiles_per_group;
+void for_tiles(int64_t B, int64_t Cg, int64_t groups, F&& f) {
+  const int64_t tiles_per_group = (Cg + kTile - 1) / kTile, tiles = groups * tiles_per_group;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, B * kTile));
   at::parallel_for(0, tiles, grain, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
@@ -75,7 +66,7 @@ void for_tiles(int64_t B, int64_t C, int64_t groups, F&& f) {
 // u = (h - mean) * rstd over one tile of W columns, with their mean and biased variance (two passes: the
 // centred sum of squares has no cancellation). m_out / v_out point at the tile's first column.
 template <typename T, typename Wd>
-CLFAST_VECTORIZE void col_norm_tile(const T* hp, View hv, T* up, View uv, int64_t g, int64_t j0, Wd W, int64_t B,
+CLFAST_VECTORIZE void col_norm_tile(const T* hp, MatrixView hv, T* up, MatrixView uv, int64_t g, int64_t j0, Wd W, int64_t B,
                                     double eps, T* m_out, T* v_out) {
   double sum[1][kTile] = {}, sq[1][kTile] = {};
   column_sums<T>(B, W, sum, [&](int64_t b, T (&acc)[1][kTile]) {
@@ -104,8 +95,8 @@ CLFAST_VECTORIZE void col_norm_tile(const T* hp, View hv, T* up, View uv, int64_
 // dz = act'(s) * dh over one tile, with dh = du (kNorm false) or BatchNorm's input gradient
 // rstd * (du - mean(du) - u * mean(du * u)) (kNorm true); colsum_out = the tile's column sums of dz.
 template <typename T, int kAct, bool kNorm, typename Wd>
-CLFAST_VECTORIZE void norm_act_backward_tile(const T* dup, const T* upp, View duv, const T* zp, View zv, T* dzp,
-                                             View dzv, int64_t g, int64_t j0, Wd W, int64_t B, const T* var,
+CLFAST_VECTORIZE void norm_act_backward_tile(const T* dup, const T* upp, MatrixView duv, const T* zp, MatrixView zv, T* dzp,
+                                             MatrixView dzv, int64_t g, int64_t j0, Wd W, int64_t B, const T* var,
                                              double eps, T* colsum_out) {
   T r[kTile] = {}, mdu[kTile] = {}, mduu[kTile] = {};
   if constexpr (kNorm) {
@@ -204,122 +195,113 @@ bool blas_gemm(const at::Tensor& out, const at::Tensor& bias, const at::Tensor& 
   return true;
 }
 
-struct CpuKernels {
-  // out[g] = bias[g] (broadcast over rows, if defined) + a[g] b[g] for every neuron g; views allowed (out may be
-  // a column block of a wider matrix: BLAS writes it in place). One GEMM per neuron, straight through BLAS
-  // where it can be reached, else through ATen (at these sizes ATen's batched GEMM costs more than the loop).
-  static void gemm(const at::Tensor& out, const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) {
-    bool done = false;
-    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "dan_gemm", [&] { done = blas_gemm<scalar_t>(out, bias, a, b); });
-    if (!done) dan_detail::gemm_per_neuron(out, bias, a, b);
-  }
+// One GEMM per neuron, straight through BLAS where it can be reached, else through ATen (at these sizes ATen's
+// batched GEMM costs more than the loop). BLAS writes a view of out in place.
+void launch_dan_gemm(const DanGemm& p) {
+  bool done = false;
+  AT_DISPATCH_FLOATING_TYPES(p.out.scalar_type(), "dan_gemm", [&] { done = blas_gemm<scalar_t>(p.out, p.bias, p.a, p.b); });
+  if (!done) dan_detail::gemm_per_neuron(p.out, p.bias, p.a, p.b);
+}
 
-  // u = normalize ? (h - mean) * rstd : h per column of the [B, C] matrix h, with its mean and biased variance.
-  static void col_norm(const at::Tensor& h, bool h_grouped, const at::Tensor& u, bool u_grouped, int64_t B, int64_t C,
-                       int64_t groups, bool normalize, double eps, const at::Tensor& mean, const at::Tensor& var) {
-    AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "dan_col_norm", [&] {
-      const scalar_t* hp = h.data_ptr<scalar_t>();
-      scalar_t* up = u.data_ptr<scalar_t>();
-      scalar_t* mp = normalize ? mean.data_ptr<scalar_t>() : nullptr;
-      scalar_t* vp = normalize ? var.data_ptr<scalar_t>() : nullptr;
-      const View hv(h_grouped, B, C, groups), uv(u_grouped, B, C, groups);
-      const int64_t Cg = C / groups;
-      for_tiles(B, C, groups, [&](int64_t g, int64_t j0, int64_t w) {
-        if (!normalize) {
-          for (int64_t b = 0; b < B; ++b) std::copy_n(hp + hv.at(g, b) + j0, w, up + uv.at(g, b) + j0);
-          return;
-        }
-        with_width(w, [&](auto W) {
-          col_norm_tile<scalar_t>(hp, hv, up, uv, g, j0, W, B, eps, mp + g * Cg + j0, vp + g * Cg + j0);
-        });
+void launch_dan_col_norm(const DanColNorm& p) {
+  AT_DISPATCH_FLOATING_TYPES(p.h.scalar_type(), "dan_col_norm", [&] {
+    const scalar_t* hp = p.h.data_ptr<scalar_t>();
+    scalar_t* up = p.u.data_ptr<scalar_t>();
+    scalar_t* mp = p.normalize ? p.mean.data_ptr<scalar_t>() : nullptr;
+    scalar_t* vp = p.normalize ? p.var.data_ptr<scalar_t>() : nullptr;
+    const MatrixView hv = p.hv, uv = p.uv;
+    const int64_t B = p.B, Cg = p.Cg;
+    for_tiles(B, Cg, p.groups, [&](int64_t g, int64_t j0, int64_t w) {
+      if (!p.normalize) {
+        for (int64_t b = 0; b < B; ++b) std::copy_n(hp + hv.at(g, b) + j0, w, up + uv.at(g, b) + j0);
+        return;
+      }
+      with_width(w, [&](auto W) {
+        col_norm_tile<scalar_t>(hp, hv, up, uv, g, j0, W, B, p.eps, mp + g * Cg + j0, vp + g * Cg + j0);
       });
     });
-  }
+  });
+}
 
-  static void norm_act_backward(const at::Tensor& du, const at::Tensor& u, bool du_grouped, const at::Tensor& var,
-                                double eps, bool normalize, const at::Tensor& s_act, bool z_grouped, int64_t act,
-                                const at::Tensor& dz, bool dz_grouped, int64_t B, int64_t C, int64_t groups,
-                                const at::Tensor& colsum) {
-    AT_DISPATCH_FLOATING_TYPES(du.scalar_type(), "dan_norm_act_backward", [&] {
-      const scalar_t* dup = du.data_ptr<scalar_t>();
-      const scalar_t* upp = normalize ? u.data_ptr<scalar_t>() : nullptr;
-      const scalar_t* vp = normalize ? var.data_ptr<scalar_t>() : nullptr;
-      const scalar_t* zp = act != kIdentity ? s_act.data_ptr<scalar_t>() : nullptr;
-      scalar_t* dzp = dz.data_ptr<scalar_t>();
-      scalar_t* cp = colsum.data_ptr<scalar_t>();
-      const View duv(du_grouped, B, C, groups), zv(z_grouped, B, C, groups), dzv(dz_grouped, B, C, groups);
-      const int64_t Cg = C / groups;
-      with_act(act, [&](auto A) {
-        with_flag(normalize, [&](auto Norm) {
-          for_tiles(B, C, groups, [&](int64_t g, int64_t j0, int64_t w) {
-            with_width(w, [&](auto W) {
-              norm_act_backward_tile<scalar_t, A.value, Norm.value>(dup, upp, duv, zp, zv, dzp, dzv, g, j0, W, B,
-                                                                    vp ? vp + g * Cg + j0 : nullptr, eps,
-                                                                    cp + g * Cg + j0);
-            });
+void launch_dan_norm_act_backward(const DanNormActBackward& p) {
+  AT_DISPATCH_FLOATING_TYPES(p.du.scalar_type(), "dan_norm_act_backward", [&] {
+    const scalar_t* dup = p.du.data_ptr<scalar_t>();
+    const scalar_t* upp = p.normalize ? p.u.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* vp = p.normalize ? p.var.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* zp = p.act != kIdentity ? p.s_act.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dzp = p.dz.data_ptr<scalar_t>();
+    scalar_t* cp = p.colsum.data_ptr<scalar_t>();
+    const MatrixView duv = p.duv, zv = p.zv, dzv = p.dzv;
+    const int64_t B = p.B, Cg = p.Cg;
+    with_act(p.act, [&](auto A) {
+      with_flag(p.normalize, [&](auto Norm) {
+        for_tiles(B, Cg, p.groups, [&](int64_t g, int64_t j0, int64_t w) {
+          with_width(w, [&](auto W) {
+            norm_act_backward_tile<scalar_t, A.value, Norm.value>(dup, upp, duv, zp, zv, dzp, dzv, g, j0, W, B,
+                                                                  vp ? vp + g * Cg + j0 : nullptr, p.eps,
+                                                                  cp + g * Cg + j0);
           });
         });
       });
     });
-  }
+  });
+}
 
-  // (s, t) of one neuron's BN for its `cols` columns.
-  template <typename T>
-  static void scale_shift(const T* g, const T* b, const T* rm, const T* rv, double eps, int64_t cols, T* s, T* t) {
-    for (int64_t c = 0; c < cols; ++c) bn_scale_shift(g, b, rm, rv, eps, c, s[c], t[c]);
-  }
+// (s, t) of one neuron's BN for its `cols` columns.
+template <typename T>
+void scale_shift(const T* g, const T* b, const T* rm, const T* rv, double eps, int64_t cols, T* s, T* t) {
+  for (int64_t c = 0; c < cols; ++c) bn_scale_shift(g, b, rm, rv, eps, c, s[c], t[c]);
+}
 
-  static void fold(const at::Tensor& W, const at::Tensor& bias, const at::Tensor& g, const at::Tensor& b,
-                   const at::Tensor& rm, const at::Tensor& rv, double eps, const at::Tensor& Weff, const at::Tensor& beff) {
-    const int64_t N = W.size(0), R = W.size(1), Cc = W.size(2);
-    AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "dan_fold", [&] {
-      const scalar_t* wp = W.data_ptr<scalar_t>();
-      const scalar_t* cp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
-      const scalar_t* rmp = rm.defined() ? rm.data_ptr<scalar_t>() : nullptr;
-      const scalar_t* rvp = rv.defined() ? rv.data_ptr<scalar_t>() : nullptr;
-      scalar_t* wep = Weff.data_ptr<scalar_t>();
-      scalar_t* bep = beff.data_ptr<scalar_t>();
-      at::parallel_for(0, N, std::max<int64_t>(1, 32768 / (R * Cc)), [&](int64_t lo, int64_t hi) {
-        std::vector<scalar_t> s(Cc), t(Cc);
-        for (int64_t n = lo; n < hi; ++n) {
-          scale_shift(g.data_ptr<scalar_t>() + n * Cc, b.data_ptr<scalar_t>() + n * Cc,
-                      rmp ? rmp + n * Cc : nullptr, rvp ? rvp + n * Cc : nullptr, eps, Cc, s.data(), t.data());
-          fold_neuron<scalar_t>(wp + n * R * Cc, cp ? cp + n * R : nullptr, s.data(), t.data(), R, Cc,
-                                wep + n * R * Cc, bep + n * R);
-        }
-      });
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+void launch_dan_fold(const DanFold& p) {
+  const int64_t N = p.W.size(0), R = p.W.size(1), Cc = p.W.size(2);
+  AT_DISPATCH_FLOATING_TYPES(p.W.scalar_type(), "dan_fold", [&] {
+    const scalar_t *wp = p.W.data_ptr<scalar_t>(), *cp = ptr_or_null<scalar_t>(p.bias);
+    const scalar_t *gp = p.g.data_ptr<scalar_t>(), *bp = p.b.data_ptr<scalar_t>();
+    const scalar_t *rmp = ptr_or_null<scalar_t>(p.rm), *rvp = ptr_or_null<scalar_t>(p.rv);
+    scalar_t* wep = p.Weff.data_ptr<scalar_t>();
+    scalar_t* bep = p.beff.data_ptr<scalar_t>();
+    at::parallel_for(0, N, std::max<int64_t>(1, 32768 / (R * Cc)), [&](int64_t lo, int64_t hi) {
+      std::vector<scalar_t> s(Cc), t(Cc);
+      for (int64_t n = lo; n < hi; ++n) {
+        scale_shift(gp + n * Cc, bp + n * Cc, rmp ? rmp + n * Cc : nullptr, rvp ? rvp + n * Cc : nullptr, p.eps, Cc,
+                    s.data(), t.data());
+        fold_neuron<scalar_t>(wp + n * R * Cc, cp ? cp + n * R : nullptr, s.data(), t.data(), R, Cc,
+                              wep + n * R * Cc, bep + n * R);
+      }
     });
-  }
+  });
+}
 
-  static void unfold_backward(const at::Tensor& dWeff, const at::Tensor& dbeff, const at::Tensor& W,
-                              const at::Tensor& g, const at::Tensor& b, const at::Tensor& rm, const at::Tensor& rv,
-                              double eps, const at::Tensor& dW, const at::Tensor& dg, const at::Tensor& db) {
-    const int64_t N = W.size(0), R = W.size(1), Cc = W.size(2);
-    AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "dan_unfold_backward", [&] {
-      const scalar_t* dwep = dWeff.data_ptr<scalar_t>();
-      const scalar_t* dbp = dbeff.data_ptr<scalar_t>();
-      const scalar_t* wp = W.data_ptr<scalar_t>();
-      const scalar_t* rmp = rm.defined() ? rm.data_ptr<scalar_t>() : nullptr;
-      const scalar_t* rvp = rv.defined() ? rv.data_ptr<scalar_t>() : nullptr;
-      scalar_t* dwp = dW.data_ptr<scalar_t>();
-      scalar_t* dgp = dg.data_ptr<scalar_t>();
-      scalar_t* dbbp = db.data_ptr<scalar_t>();
-      at::parallel_for(0, N, std::max<int64_t>(1, 32768 / (R * Cc)), [&](int64_t lo, int64_t hi) {
-        std::vector<scalar_t> s(Cc), t(Cc), P(Cc);
-        for (int64_t n = lo; n < hi; ++n) {
-          scale_shift(g.data_ptr<scalar_t>() + n * Cc, b.data_ptr<scalar_t>() + n * Cc,
-                      rmp ? rmp + n * Cc : nullptr, rvp ? rvp + n * Cc : nullptr, eps, Cc, s.data(), t.data());
-          // Q (beta's gradient) goes straight to db.
-          unfold_backward_neuron<scalar_t>(dwep + n * R * Cc, dbp + n * R, wp + n * R * Cc, s.data(), t.data(), R,
-                                           Cc, dwp + n * R * Cc, P.data(), dbbp + n * Cc);
-          for (int64_t c = 0; c < Cc; ++c)
-            dgp[n * Cc + c] = bn_gamma_grad(P[c], dbbp[n * Cc + c], rmp ? rmp + n * Cc : nullptr,
-                                            rvp ? rvp + n * Cc : nullptr, eps, c);
-        }
-      });
+void launch_dan_unfold_backward(const DanUnfoldBackward& p) {
+  const int64_t N = p.W.size(0), R = p.W.size(1), Cc = p.W.size(2);
+  AT_DISPATCH_FLOATING_TYPES(p.W.scalar_type(), "dan_unfold_backward", [&] {
+    const scalar_t *dwep = p.dWeff.data_ptr<scalar_t>(), *dbp = p.dbeff.data_ptr<scalar_t>();
+    const scalar_t *wp = p.W.data_ptr<scalar_t>(), *gp = p.g.data_ptr<scalar_t>(), *bp = p.b.data_ptr<scalar_t>();
+    const scalar_t *rmp = ptr_or_null<scalar_t>(p.rm), *rvp = ptr_or_null<scalar_t>(p.rv);
+    scalar_t* dwp = p.dW.data_ptr<scalar_t>();
+    scalar_t* dgp = p.dg.data_ptr<scalar_t>();
+    scalar_t* dbbp = p.db.data_ptr<scalar_t>();
+    at::parallel_for(0, N, std::max<int64_t>(1, 32768 / (R * Cc)), [&](int64_t lo, int64_t hi) {
+      std::vector<scalar_t> s(Cc), t(Cc), P(Cc);
+      for (int64_t n = lo; n < hi; ++n) {
+        scale_shift(gp + n * Cc, bp + n * Cc, rmp ? rmp + n * Cc : nullptr, rvp ? rvp + n * Cc : nullptr, p.eps, Cc,
+                    s.data(), t.data());
+        // Q (beta's gradient) goes straight to db.
+        unfold_backward_neuron<scalar_t>(dwep + n * R * Cc, dbp + n * R, wp + n * R * Cc, s.data(), t.data(), R,
+                                         Cc, dwp + n * R * Cc, P.data(), dbbp + n * Cc);
+        for (int64_t c = 0; c < Cc; ++c)
+          dgp[n * Cc + c] = bn_gamma_grad(P[c], dbbp[n * Cc + c], rmp ? rmp + n * Cc : nullptr,
+                                          rvp ? rvp + n * Cc : nullptr, p.eps, c);
+      }
     });
-  }
-};
+  });
+}
 
 // One BatchNorm's running statistics: rm = rm * (1 - momentum) + momentum * mean, rv likewise with the unbiased
 // variance, in the composite's (csrc/dan/dan.cpp) operation order (ATen's add may fuse the last multiply-add, so
@@ -356,11 +338,11 @@ void launch_dan_bn_update(const DanBnUpdate& a) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(clfast, CPU, m) {
-  m.impl("dan_layer_forward", &dan_layer_forward_impl<CpuKernels>);
-  m.impl("dan_layer_backward", &dan_layer_backward_impl<CpuKernels>);
-}
-
+CLFAST_REGISTER_LAUNCHER(DanGemm, cpu, &launch_dan_gemm);
+CLFAST_REGISTER_LAUNCHER(DanColNorm, cpu, &launch_dan_col_norm);
+CLFAST_REGISTER_LAUNCHER(DanNormActBackward, cpu, &launch_dan_norm_act_backward);
+CLFAST_REGISTER_LAUNCHER(DanFold, cpu, &launch_dan_fold);
+CLFAST_REGISTER_LAUNCHER(DanUnfoldBackward, cpu, &launch_dan_unfold_backward);
 CLFAST_REGISTER_LAUNCHER(DanBnUpdate, cpu, &launch_dan_bn_update);
 
 }  // namespace clfast::cpu

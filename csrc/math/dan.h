@@ -11,6 +11,16 @@
 
 namespace clfast {
 
+// Element (b, g * Cg + j) of a logical [B, C] activation matrix, C = groups * Cg, sits at at(g, b) + j: stored
+// flat ([B, C], row-major) or grouped ([groups, B, Cg], one slab per neuron).
+struct MatrixView {
+  int64_t group_base, row;
+  CLFAST_HD static MatrixView of(bool grouped, int64_t B, int64_t C, int64_t groups) {
+    return grouped ? MatrixView{B * (C / groups), C / groups} : MatrixView{C / groups, C};
+  }
+  CLFAST_HD int64_t at(int64_t g, int64_t b) const { return g * group_base + b * row; }
+};
+
 // 1 / sqrt(var + eps), rounded once from double, as BatchNorm's inverse standard deviation.
 template <typename T>
 CLFAST_HD inline T bn_rstd(T var, double eps) {
@@ -39,7 +49,7 @@ CLFAST_HD inline T bn_gamma_grad(T P, T Q, const T* rm, const T* rv, double eps,
   return rm == nullptr ? P : bn_rstd(rv[i], eps) * (P - rm[i] * Q);
 }
 
-// Codes passed from Python (clfast/nn/dan.py: activation_code).
+// The schema's activation names as codes, mapped once by the front (csrc/dan/dan.h: parse_act).
 enum Act : int { kIdentity = 0, kTanh = 1, kRelu = 2, kSigmoid = 3, kGelu = 4, kGeluTanh = 5 };
 constexpr int kNumActs = 6;
 

@@ -1,11 +1,9 @@
 // Reservoir launcher on CUDA. The draws come from a device generator, so adding a batch never synchronises with
 // the host.
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 
+#include "../common/cuda_host.h"
 #include "../common/launch.h"
 #include "../common/multi_tensor.cuh"
 #include "kernels.cuh"
@@ -16,12 +14,11 @@ namespace {
 
 void launch_reservoir_add(const ReservoirAdd& a) {
   const int64_t B = a.batch_size;
-  const c10::cuda::CUDAGuard guard(a.storage[0].device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(a.storage[0].device());
+  const Stream stream = current_stream();
   at::Tensor slot = a.draws.new_empty({B}, a.draws.options().dtype(at::kLong));
-  reservoir_slots<<<static_cast<unsigned>((B + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-      a.draws.data_ptr<double>(), B, a.num_seen, a.capacity, slot.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  CLFAST_LAUNCH(reservoir_slots, static_cast<unsigned>((B + kThreads - 1) / kThreads), kThreads, 0, stream,
+                a.draws.data_ptr<double>(), B, a.num_seen, a.capacity, slot.data_ptr<int64_t>());
   // One copy launch per kMaxFields fields (the field table travels as a kernel argument).
   for (size_t first = 0; first < a.storage.size(); first += kMaxFields) {
     Fields fields{};
@@ -32,8 +29,7 @@ void launch_reservoir_add(const ReservoirAdd& a) {
       fields.src[f] = static_cast<const char*>(src.data_ptr());
       fields.row_bytes[f] = dst.numel() / a.capacity * dst.element_size();
     }
-    reservoir_copy<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(fields, slot.data_ptr<int64_t>(), B);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    CLFAST_LAUNCH(reservoir_copy, static_cast<unsigned>(B), kThreads, 0, stream, fields, slot.data_ptr<int64_t>(), B);
   }
 }
 

@@ -1,6 +1,7 @@
 // SI launchers on CUDA: one multi-tensor launch for all parameter tensors per call.
 #include <ATen/Dispatch.h>
 
+#include "../common/cuda_host.h"
 #include "../common/launch.h"
 #include "../common/multi_tensor_cuda.h"
 #include "kernels.cuh"
@@ -23,15 +24,14 @@ void launch_si_consolidate(const SiConsolidate& a) {
 }
 
 void launch_si_penalty(const SiPenalty& a) {
-  const c10::cuda::CUDAGuard guard(a.params[0].device());
+  const DeviceGuard guard(a.params[0].device());
   const int64_t n = total_blocks(a.params);
   at::Tensor partials = a.params[0].new_empty({std::max<int64_t>(n, 1)}, a.params[0].options().dtype(at::kDouble));
   if (n == 0) partials.zero_();
   AT_DISPATCH_FLOATING_TYPES(a.params[0].scalar_type(), "si_penalty", [&] {
     multi_tensor_apply<3>({a.importance, a.prev, a.params}, PenaltyFn<scalar_t>(), partials.data_ptr<double>());
-    sum_partials<scalar_t><<<1, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        partials.data_ptr<double>(), std::max<int64_t>(n, 1), a.out.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    CLFAST_LAUNCH(sum_partials<scalar_t>, 1, kThreads, 0, current_stream(), partials.data_ptr<double>(),
+                  std::max<int64_t>(n, 1), a.out.data_ptr<scalar_t>());
   });
 }
 
