@@ -12,13 +12,14 @@ ROOT := $(shell [ "$$(id -u)" = 0 ] && echo yes)
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 export MAX_JOBS
 
-.PHONY: run test bench env build data clean
+.PHONY: run test bench env build cuemu data clean
 
 run: build data
 	$(PY) -m clfast --data-dir $(DATA_DIR)
 
-test: build data
-	$(PY) -m pytest tests -q -p no:cacheprovider
+# The tests run every CUDA kernel on the emulated device too (tests/cuemu), so its library is required.
+test: build cuemu data
+	CLFAST_REQUIRE_CUEMU=1 $(PY) -m pytest tests -q -p no:cacheprovider
 	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable
 
 bench: build
@@ -42,6 +43,10 @@ $(VENV)/.installed:
 # In-place build with a persistent build/ folder: ninja recompiles only what changed.
 build: env
 	$(PY) setup.py -q build_ext --inplace
+
+# The emulated CUDA library of the tests (tests/cuemu/build.py; ninja keeps what has not changed).
+cuemu: env
+	$(PY) tests/cuemu/build.py
 
 data:
 	@if [ ! -f $(DATA_DIR)/train-images-idx3-ubyte.gz ]; then \

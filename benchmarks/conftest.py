@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 from clfast_testing import device_params  # noqa: E402
 
 
-@pytest.fixture(params=device_params(), scope="module")
+@pytest.fixture(params=device_params(emulated=False), scope="module")
 def device(request):
     """cpu, and cuda where a GPU is present."""
     return request.param

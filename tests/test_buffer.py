@@ -54,6 +54,31 @@ def test_native_equals_reference(device):
             assert torch.equal(a, b)
 
 
+@needs_native
+@pytest.mark.parametrize("device", device_params())
+def test_many_items_of_a_batch_on_one_slot(device):
+    """Most of a 600-item batch lands on slot 3 (the last of them must win), over ten fields: more than one copy
+    launch's field table, rows longer than a block's threads."""
+    capacity, B, seen = 8, 600, 8
+    g = torch.Generator().manual_seed(3)
+    m = torch.arange(seen, seen + B, dtype=torch.float64)
+    draws = torch.rand(B, dtype=torch.float64, generator=g)
+    on_three = torch.rand(B, generator=g) < 0.8
+    draws = torch.where(on_three, 3.5 / (m + 1), draws)  # floor(draw * (m + 1)) == 3
+    shapes = [(), (3,), (1000,), (2, 2), (7,), (1,), (4, 5), (300,), (2,), (9,)]
+    dtypes = [torch.long, torch.float32, torch.uint8, torch.float64, torch.int32, torch.int16, torch.float32,
+              torch.float64, torch.int8, torch.float32]
+    batch = [torch.randint(0, 100, (B, *s), generator=g).to(dt).to(device) for s, dt in zip(shapes, dtypes)]
+    native = [torch.zeros(capacity, *s, dtype=dt, device=device) for s, dt in zip(shapes, dtypes)]
+    ref = [t.clone() for t in native]
+    torch.ops.clfast.reservoir_add_(native, batch, draws.to(device), seen)
+    reference.reservoir_add_(ref, batch, draws.to(device), seen)
+    last = int(torch.nonzero(on_three).max())
+    assert torch.equal(native[0][3], batch[0][last])
+    for a, b in zip(native, ref):
+        assert torch.equal(a, b)
+
+
 def test_every_item_survives_with_probability_capacity_over_n(backend):
     N, capacity, trials = 1000, 50, 400
     counts = torch.zeros(N)

@@ -93,6 +93,31 @@ def test_selection_takes_the_lowest_mature_utilities(backend):
     assert chosen.tolist() == [8, 2, 1]
 
 
+@needs_native
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_selection_with_ties_and_nan_matches_reference(device, dtype):
+    """1000 units (more than one selection block's threads) whose utilities take five values and NaN: ties go to
+    the lower index, NaN ranks last, immature units after every mature one."""
+    n, k = 1000, 40
+    g = torch.Generator().manual_seed(7)
+    values = torch.tensor([0.5, 0.25, float("nan"), 1.0, 0.125, 2.0], dtype=dtype)
+    utility = values[torch.randint(0, len(values), (n,), generator=g)]
+    utility[torch.randperm(n, generator=g)[: n - 30]] = float("nan")  # fewer finite utilities than k
+    age = torch.randint(1, 50, (n,), generator=g).to(dtype)
+    tensors = [torch.randn(n, 3, generator=g, dtype=dtype), None, torch.randn(4, n, generator=g, dtype=dtype), None,
+               utility, torch.randn(n, generator=g, dtype=dtype), age]
+    tensors = [t.to(device) if t is not None else None for t in tensors]
+    native = [t.clone() if t is not None else None for t in tensors]
+    new = torch.randn(k, 3, generator=g, dtype=dtype).to(device)
+    chosen = torch.ops.clfast.cbp_replace_(*native, new, 0.95, 10)
+    expected = reference.cbp_replace_(*tensors, new, 0.95, 10)
+    assert chosen.tolist() == expected.tolist() and len(set(chosen.tolist())) == k
+    for a, b in zip(native, tensors):
+        if a is not None:
+            torch.testing.assert_close(a, b, equal_nan=True)
+
+
 def test_empty_layers_are_rejected(backend):
     with pytest.raises(RuntimeError, match="non-empty|at least one unit"):
         clfast.ops.cbp_update_([torch.zeros(4)], [torch.zeros(4)], [torch.zeros(4)], [torch.zeros(3, 4, 0)],

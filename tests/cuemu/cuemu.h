@@ -1,0 +1,680 @@
+// cuemu: runs the project's CUDA kernels on the CPU, for the test suite. The kernel and launcher sources of
+// csrc/ are compiled by the host compiler with this header included first (tests/cuemu/build.py), and each
+// launch runs here:
+//   - the blocks of a grid one after another, in the order CLFAST_EMU_BLOCK_ORDER asks for (forward, reverse or
+//     shuffle; CLFAST_EMU_SEED seeds the shuffle);
+//   - the threads of a block as cooperative fibers that switch at every barrier and warp operation, each with
+//     its own threadIdx, blockIdx, blockDim and gridDim; __shared__ variables are static, so one copy serves the
+//     block that runs;
+//   - __syncthreads and its _or/_and/_count forms, checking that every live thread waits at the same call site;
+//     shuffles, votes and __syncwarp through a per-warp exchange, checking the masks; atomics through
+//     std::atomic_ref;
+//   - a barrier or warp operation that can never complete is an error, not a hang; launch limits (grid and block
+//     dimensions, 4 KB of kernel parameters) are checked;
+//   - CLFAST_EMU_TRACE=<file> appends one line per launch: the kernel's name as written in csrc/, then its
+//     template arguments.
+// Errors are thrown as std::runtime_error from the launch, after the failing block is abandoned.
+//
+// Under ThreadSanitizer each thread of a block is a TSan fiber that switches without synchronising, and every
+// barrier and warp exchange is annotated as a release by each arriving thread and an acquire by each released
+// one: TSan then sees exactly the ordering CUDA guarantees, and reports accesses that no barrier orders.
+#pragma once
+#if defined(__CUDACC__)
+#error "cuemu.h is for host-compiled builds of the CUDA sources"
+#endif
+
+#include <ucontext.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <numeric>
+#include <random>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#if defined(__SANITIZE_THREAD__)
+extern "C" {
+void* __tsan_get_current_fiber(void);
+void* __tsan_create_fiber(unsigned flags);
+void __tsan_destroy_fiber(void* fiber);
+void __tsan_switch_to_fiber(void* fiber, unsigned flags);
+void __tsan_acquire(void* addr);
+void __tsan_release(void* addr);
+}
+#define CUEMU_TSAN 1
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+extern "C" {
+void __sanitizer_start_switch_fiber(void** fake_stack_save, const void* bottom, size_t size);
+void __sanitizer_finish_switch_fiber(void* fake_stack_save, const void** bottom_old, size_t* size_old);
+}
+#define CUEMU_ASAN 1
+#endif
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+#define __launch_bounds__(...)
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+using uint3 = dim3;
+
+namespace cuemu {
+
+constexpr int kWarpSize = 32;
+constexpr size_t kParamLimit = 4096;
+
+struct Fiber {
+  ucontext_t ctx;
+  void* stack = nullptr;
+  size_t stack_size = 0;
+  dim3 tid;
+  int linear = 0;
+  enum State { kReady, kBlockBarrier, kWarpOp, kDone } state = kReady;
+  const char* file = nullptr;  // the call site it waits at
+  int line = 0;
+  uint64_t xfer = 0, result = 0;  // warp exchange: this lane's value, its result
+  int arg = 0;
+#if defined(CUEMU_TSAN)
+  void* tsan = nullptr;
+#endif
+};
+
+enum class BarrierKind { kSync, kOr, kAnd, kCount };
+enum class WarpKind { kShflDown, kShflUp, kShflXor, kShfl, kBallot, kAny, kAll, kSyncwarp };
+
+inline const char* warp_kind_name(WarpKind k) {
+  switch (k) {
+    case WarpKind::kShflDown: return "__shfl_down_sync";
+    case WarpKind::kShflUp: return "__shfl_up_sync";
+    case WarpKind::kShflXor: return "__shfl_xor_sync";
+    case WarpKind::kShfl: return "__shfl_sync";
+    case WarpKind::kBallot: return "__ballot_sync";
+    case WarpKind::kAny: return "__any_sync";
+    case WarpKind::kAll: return "__all_sync";
+    default: return "__syncwarp";
+  }
+}
+
+struct WarpState {
+  unsigned arrived = 0, mask = 0;
+  WarpKind kind = WarpKind::kSyncwarp;
+  int width = kWarpSize;
+  const char* file = nullptr;
+  int line = 0;
+  char tsan_sync = 0;  // the address TSan's release/acquire annotations name
+};
+
+// The one emulated device: launches are serialised, and the running block's state lives here.
+struct Device {
+  std::mutex launch_mutex;
+  ucontext_t scheduler;
+  std::vector<Fiber> fibers;  // one per thread slot, kept across launches with their stacks
+  int threads = 0;            // the running block's threads: fibers[0, threads)
+  std::vector<WarpState> warps;
+  Fiber* current = nullptr;
+  dim3 block_idx, block_dim, grid_dim;
+  int live = 0;
+  // the block barrier being gathered
+  int arrived = 0;
+  const char* barrier_file = nullptr;
+  int barrier_line = 0;
+  BarrierKind barrier_kind = BarrierKind::kSync;
+  int votes = 0;
+  char tsan_barrier = 0;
+  std::string error;  // set by a fiber that found an error; the scheduler abandons the block
+  void (*body)(void*) = nullptr;
+  void* body_arg = nullptr;
+#if defined(CUEMU_TSAN)
+  void* tsan_scheduler = nullptr;
+#endif
+#if defined(CUEMU_ASAN)
+  void* asan_fake_stack = nullptr;
+#endif
+};
+
+inline Device& device() {
+  static Device d;
+  return d;
+}
+
+inline Fiber& self() { return *device().current; }
+
+inline std::string where(const char* file, int line) {
+  const char* base = std::strstr(file, "csrc/");
+  return std::string(base ? base : file) + ":" + std::to_string(line);
+}
+
+inline std::string thread_name(const Fiber& f) {
+  return "thread (" + std::to_string(f.tid.x) + ", " + std::to_string(f.tid.y) + ", " + std::to_string(f.tid.z) +
+         ")";
+}
+
+inline void tsan_release(char* addr) {
+#if defined(CUEMU_TSAN)
+  __tsan_release(addr);
+#else
+  (void)addr;
+#endif
+}
+
+inline void tsan_acquire(char* addr) {
+#if defined(CUEMU_TSAN)
+  __tsan_acquire(addr);
+#else
+  (void)addr;
+#endif
+}
+
+// Switch from the running fiber back to the scheduler, which resumes it once it is ready again.
+inline void yield() {
+  Device& d = device();
+  Fiber& f = *d.current;
+#if defined(CUEMU_TSAN)
+  __tsan_switch_to_fiber(d.tsan_scheduler, 1 /* no sync */);
+#endif
+#if defined(CUEMU_ASAN)
+  void* fake = nullptr;
+  __sanitizer_start_switch_fiber(&fake, nullptr, 0);
+#endif
+  swapcontext(&f.ctx, &d.scheduler);
+#if defined(CUEMU_ASAN)
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
+}
+
+// A fiber that found an error records it and never runs again.
+[[noreturn]] inline void fail(const std::string& message) {
+  Device& d = device();
+  if (d.error.empty()) d.error = message;
+  for (;;) yield();
+}
+
+inline void release_block_barrier() {
+  Device& d = device();
+  for (int i = 0; i < d.threads; ++i)
+    if (Fiber& f = d.fibers[i]; f.state == Fiber::kBlockBarrier) {
+      f.state = Fiber::kReady;
+      switch (d.barrier_kind) {
+        case BarrierKind::kOr: f.result = d.votes > 0; break;
+        case BarrierKind::kAnd: f.result = d.votes == d.arrived; break;
+        case BarrierKind::kCount: f.result = static_cast<uint64_t>(d.votes); break;
+        default: f.result = 0;
+      }
+    }
+  d.arrived = 0;
+  d.votes = 0;
+  d.barrier_file = nullptr;
+}
+
+inline int sync_block(const char* file, int line, BarrierKind kind, int vote) {
+  Device& d = device();
+  Fiber& f = self();
+  if (d.arrived == 0) {
+    d.barrier_file = file;
+    d.barrier_line = line;
+    d.barrier_kind = kind;
+  } else if (d.barrier_line != line || std::strcmp(d.barrier_file, file) != 0) {
+    fail(thread_name(f) + " of block (" + std::to_string(d.block_idx.x) + ", " + std::to_string(d.block_idx.y) +
+         ", " + std::to_string(d.block_idx.z) + ") waits at the barrier at " + where(file, line) +
+         " while other threads wait at " + where(d.barrier_file, d.barrier_line));
+  }
+  tsan_release(&d.tsan_barrier);
+  f.state = Fiber::kBlockBarrier;
+  f.file = file;
+  f.line = line;
+  d.votes += vote != 0;
+  if (++d.arrived == d.live) release_block_barrier();
+  yield();
+  tsan_acquire(&d.tsan_barrier);
+  return static_cast<int>(f.result);
+}
+
+template <typename T>
+inline uint64_t to_bits(T v) {
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "warp exchange of a value over 8 bytes");
+  uint64_t b = 0;
+  std::memcpy(&b, &v, sizeof(T));
+  return b;
+}
+
+template <typename T>
+inline T from_bits(uint64_t b) {
+  T v;
+  std::memcpy(&v, &b, sizeof(T));
+  return v;
+}
+
+inline void release_warp(int w) {
+  Device& d = device();
+  WarpState& ws = d.warps[w];
+  const int base = w * kWarpSize;
+  unsigned ballot = 0;
+  for (int l = 0; l < kWarpSize; ++l)
+    if ((ws.mask >> l) & 1u) ballot |= (d.fibers[base + l].arg != 0 ? 1u : 0u) << l;
+  for (int l = 0; l < kWarpSize; ++l) {
+    if (!((ws.mask >> l) & 1u)) continue;
+    Fiber& f = d.fibers[base + l];
+    const int seg = l / ws.width * ws.width;
+    int src = l;
+    switch (ws.kind) {
+      case WarpKind::kShflDown: src = l + f.arg < seg + ws.width ? l + f.arg : l; break;
+      case WarpKind::kShflUp: src = l - f.arg >= seg ? l - f.arg : l; break;
+      case WarpKind::kShflXor: src = (l ^ f.arg) < seg + ws.width ? (l ^ f.arg) : l; break;
+      case WarpKind::kShfl: src = seg + ((f.arg % ws.width) + ws.width) % ws.width; break;
+      default: break;
+    }
+    switch (ws.kind) {
+      case WarpKind::kBallot: f.result = ballot; break;
+      case WarpKind::kAny: f.result = ballot != 0; break;
+      case WarpKind::kAll: f.result = ballot == ws.mask; break;
+      case WarpKind::kSyncwarp: f.result = 0; break;
+      default:
+        if (!((ws.mask >> src) & 1u))
+          fail("lane " + std::to_string(l) + " of warp " + std::to_string(w) + " reads lane " + std::to_string(src) +
+               " in " + warp_kind_name(ws.kind) + " at " + where(ws.file, ws.line) + ", which is not in the mask");
+        f.result = d.fibers[base + src].xfer;
+    }
+    f.state = Fiber::kReady;
+  }
+  ws.arrived = 0;
+  ws.file = nullptr;
+}
+
+inline uint64_t warp_op(const char* file, int line, WarpKind kind, unsigned mask, uint64_t value, int arg,
+                        int width) {
+  Device& d = device();
+  Fiber& f = self();
+  const int w = f.linear / kWarpSize, lane = f.linear % kWarpSize;
+  const int lanes_here = std::min(kWarpSize, d.threads - w * kWarpSize);
+  const unsigned existing = lanes_here == kWarpSize ? 0xffffffffu : ((1u << lanes_here) - 1u);
+  const std::string op = std::string(warp_kind_name(kind)) + " at " + where(file, line);
+  if (!((mask >> lane) & 1u)) fail("lane " + std::to_string(lane) + " calls " + op + " with a mask that excludes it");
+  if (mask & ~existing) fail(op + ": the mask names lanes the block does not have");
+  if (width <= 0 || width > kWarpSize || (width & (width - 1)) != 0)
+    fail(op + ": width " + std::to_string(width) + " is not a power of two up to 32");
+  WarpState& ws = d.warps[w];
+  if (ws.arrived == 0) {
+    ws.mask = mask;
+    ws.kind = kind;
+    ws.width = width;
+    ws.file = file;
+    ws.line = line;
+  } else if (ws.mask != mask || ws.kind != kind || ws.line != line || std::strcmp(ws.file, file) != 0) {
+    fail("the lanes of warp " + std::to_string(w) + " disagree: " + op + " with mask " + std::to_string(mask) +
+         " while others wait at " + warp_kind_name(ws.kind) + " at " + where(ws.file, ws.line) + " with mask " +
+         std::to_string(ws.mask));
+  }
+  tsan_release(&ws.tsan_sync);
+  f.state = Fiber::kWarpOp;
+  f.file = file;
+  f.line = line;
+  f.xfer = value;
+  f.arg = arg;
+  ws.arrived |= 1u << lane;
+  if (ws.arrived == ws.mask) release_warp(w);
+  yield();
+  tsan_acquire(&ws.tsan_sync);
+  return f.result;
+}
+
+inline void fiber_main() {
+  Device& d = device();
+#if defined(CUEMU_ASAN)
+  __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
+#endif
+  d.body(d.body_arg);
+  Fiber& f = self();
+  f.state = Fiber::kDone;
+  --d.live;
+  if (d.arrived > 0 && d.arrived == d.live) release_block_barrier();  // exited threads do not hold a barrier
+#if defined(CUEMU_TSAN)
+  __tsan_switch_to_fiber(d.tsan_scheduler, 1);
+#endif
+#if defined(CUEMU_ASAN)
+  __sanitizer_start_switch_fiber(nullptr, nullptr, 0);
+#endif
+  setcontext(&d.scheduler);
+}
+
+inline size_t stack_size() {
+#if defined(CUEMU_TSAN) || defined(CUEMU_ASAN)
+  return size_t(1) << 20;
+#else
+  return size_t(256) << 10;
+#endif
+}
+
+// Stacks are mapped once per thread slot and kept, with a guard page below each.
+inline void ensure_stacks(std::vector<Fiber>& fibers) {
+  for (Fiber& f : fibers) {
+    if (f.stack != nullptr) continue;
+    const size_t page = 4096, size = stack_size();
+    void* p = mmap(nullptr, size + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) throw std::runtime_error("cuemu: cannot map a thread stack");
+    mprotect(p, page, PROT_NONE);
+    f.stack = static_cast<char*>(p) + page;
+    f.stack_size = size;
+  }
+}
+
+inline std::string describe_stuck(const Device& d) {
+  std::ostringstream s;
+  s << "block (" << d.block_idx.x << ", " << d.block_idx.y << ", " << d.block_idx.z << ") can never finish:";
+  int shown = 0;
+  for (int i = 0; i < d.threads; ++i) {
+    const Fiber& f = d.fibers[i];
+    if (f.state == Fiber::kDone || shown == 4) continue;
+    ++shown;
+    s << " " << thread_name(f) << " waits at "
+      << (f.state == Fiber::kBlockBarrier ? "__syncthreads" : warp_kind_name(d.warps[f.linear / kWarpSize].kind))
+      << " (" << where(f.file, f.line) << ");";
+  }
+  s << " the threads that would complete it have exited or wait elsewhere";
+  return s.str();
+}
+
+// Runs one block to completion; returns an error message, or an empty string.
+inline std::string run_block(Device& d) {
+  const int n = d.threads;
+  for (int i = 0; i < n; ++i) {
+    Fiber& f = d.fibers[i];
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack;
+    f.ctx.uc_stack.ss_size = f.stack_size;
+    f.ctx.uc_link = nullptr;
+    makecontext(&f.ctx, fiber_main, 0);
+    f.state = Fiber::kReady;
+#if defined(CUEMU_TSAN)
+    if (f.tsan == nullptr) f.tsan = __tsan_create_fiber(0);
+#endif
+  }
+  for (WarpState& w : d.warps) w = WarpState{};
+  d.live = n;
+  d.arrived = 0;
+  d.votes = 0;
+  d.error.clear();
+  for (;;) {
+    bool ran = false;
+    for (int i = 0; i < n; ++i) {
+      Fiber& f = d.fibers[i];
+      if (f.state != Fiber::kReady) continue;
+      ran = true;
+      d.current = &f;
+#if defined(CUEMU_TSAN)
+      __tsan_switch_to_fiber(f.tsan, 1);
+#endif
+#if defined(CUEMU_ASAN)
+      __sanitizer_start_switch_fiber(&d.asan_fake_stack, f.stack, f.stack_size);
+#endif
+      swapcontext(&d.scheduler, &f.ctx);
+#if defined(CUEMU_ASAN)
+      __sanitizer_finish_switch_fiber(d.asan_fake_stack, nullptr, nullptr);
+#endif
+      d.current = nullptr;
+      if (!d.error.empty()) return d.error;
+    }
+    if (d.live == 0) return {};
+    if (!ran) return describe_stuck(d);
+  }
+}
+
+// The kernel's name as written in csrc/ followed by its template arguments, from the compiler's spelling of
+// name<K>() ("... [with auto K = ns::kernel<float>]"), namespaces dropped.
+template <auto K>
+std::string kernel_name() {
+  std::string s = __PRETTY_FUNCTION__;
+  const size_t eq = s.find("K = ") + 4;
+  s = s.substr(eq, std::min(s.find(';', eq), s.rfind(']')) - eq);
+  if (!s.empty() && s[0] == '&') s.erase(0, 1);
+  for (size_t at; (at = s.find("{anonymous}::")) != std::string::npos;) s.erase(at, 13);
+  std::string out;
+  for (size_t i = 0; i < s.size();) {  // drop every namespace qualifier ("a::b::" before an identifier)
+    size_t j = i;
+    while (j < s.size() && (std::isalnum(static_cast<unsigned char>(s[j])) || s[j] == '_')) ++j;
+    if (j > i && s.compare(j, 2, "::") == 0) {
+      i = j + 2;
+      continue;
+    }
+    if (j == i) j = i + 1;
+    out.append(s, i, j - i);
+    i = j;
+  }
+  return out;
+}
+
+template <typename R, typename... P>
+constexpr size_t param_bytes(R (*)(P...)) {
+  size_t n = 0;
+  ((n = (n + alignof(std::decay_t<P>) - 1) / alignof(std::decay_t<P>) * alignof(std::decay_t<P>) +
+        sizeof(std::decay_t<P>)),
+   ...);
+  return n;
+}
+
+inline void check_launch(const std::string& name, dim3 grid, dim3 block, size_t shmem, size_t params) {
+  const auto bad = [&](const std::string& what) {
+    throw std::runtime_error("cuemu: launch of " + name + ": " + what);
+  };
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || block.x == 0 || block.y == 0 || block.z == 0)
+    bad("a grid or block dimension is 0 (grid " + std::to_string(grid.x) + "x" + std::to_string(grid.y) + "x" +
+        std::to_string(grid.z) + ", block " + std::to_string(block.x) + "x" + std::to_string(block.y) + "x" +
+        std::to_string(block.z) + ")");
+  if (grid.x > 2147483647u || grid.y > 65535u || grid.z > 65535u) bad("the grid exceeds 2^31-1 x 65535 x 65535");
+  if (block.x > 1024u || block.y > 1024u || block.z > 64u || uint64_t(block.x) * block.y * block.z > 1024u)
+    bad("the block exceeds 1024 threads (x, y <= 1024, z <= 64)");
+  if (shmem > 48u * 1024u) bad("more than 48 KB of dynamic shared memory");
+  if (params > kParamLimit) bad(std::to_string(params) + " bytes of kernel parameters (the limit is 4 KB)");
+}
+
+inline void trace(const std::string& name) {
+  static const char* path = std::getenv("CLFAST_EMU_TRACE");
+  if (path == nullptr || *path == '\0') return;
+  if (FILE* f = std::fopen(path, "a")) {
+    std::fprintf(f, "%s\n", name.c_str());
+    std::fclose(f);
+  }
+}
+
+inline std::vector<dim3> block_order(dim3 grid) {
+  std::vector<dim3> order;
+  order.reserve(size_t(grid.x) * grid.y * grid.z);
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) order.emplace_back(x, y, z);
+  const char* mode = std::getenv("CLFAST_EMU_BLOCK_ORDER");
+  const std::string m = mode ? mode : "forward";
+  if (m == "reverse") {
+    std::reverse(order.begin(), order.end());
+  } else if (m == "shuffle") {
+    const char* seed = std::getenv("CLFAST_EMU_SEED");
+    std::mt19937_64 rng(seed ? std::strtoull(seed, nullptr, 10) : 0);
+    std::shuffle(order.begin(), order.end(), rng);
+  } else if (m != "forward") {
+    throw std::runtime_error("cuemu: CLFAST_EMU_BLOCK_ORDER must be forward, reverse or shuffle, got " + m);
+  }
+  return order;
+}
+
+template <auto K, typename Tuple>
+void run_thread(void* arg) {
+  std::apply(K, *static_cast<Tuple*>(arg));  // each thread gets its own copies of the parameters
+}
+
+template <auto K, typename... Args>
+void launch(dim3 grid, dim3 block, size_t shmem, Args&&... args) {
+  const std::string name = kernel_name<K>();
+  check_launch(name, grid, block, shmem, param_bytes(K));
+  Device& d = device();
+  const std::lock_guard<std::mutex> lock(d.launch_mutex);
+  trace(name);
+  using Tuple = std::tuple<std::decay_t<Args>...>;
+  Tuple params(std::forward<Args>(args)...);
+  const int threads = static_cast<int>(block.x * block.y * block.z);
+  if (static_cast<int>(d.fibers.size()) < threads) d.fibers.resize(threads);
+  ensure_stacks(d.fibers);
+  d.threads = threads;
+  for (int i = 0; i < threads; ++i) {
+    Fiber& f = d.fibers[i];
+    f.linear = i;
+    f.tid = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
+  }
+  d.warps.assign((threads + kWarpSize - 1) / kWarpSize, WarpState{});
+  d.grid_dim = grid;
+  d.block_dim = block;
+  d.body = &run_thread<K, Tuple>;
+  d.body_arg = &params;
+#if defined(CUEMU_TSAN)
+  d.tsan_scheduler = __tsan_get_current_fiber();
+#endif
+  std::string error;
+  for (const dim3& b : block_order(grid)) {
+    d.block_idx = b;
+    error = run_block(d);
+    if (!error.empty()) break;
+  }
+  if (!error.empty()) throw std::runtime_error("cuemu: " + name + ": " + error);
+}
+
+}  // namespace cuemu
+
+#define threadIdx (::cuemu::device().current->tid)
+#define blockIdx (::cuemu::device().block_idx)
+#define blockDim (::cuemu::device().block_dim)
+#define gridDim (::cuemu::device().grid_dim)
+#define warpSize 32
+
+#define __syncthreads() ::cuemu::sync_block(__FILE__, __LINE__, ::cuemu::BarrierKind::kSync, 0)
+#define __syncthreads_or(p) ::cuemu::sync_block(__FILE__, __LINE__, ::cuemu::BarrierKind::kOr, (p))
+#define __syncthreads_and(p) ::cuemu::sync_block(__FILE__, __LINE__, ::cuemu::BarrierKind::kAnd, (p))
+#define __syncthreads_count(p) ::cuemu::sync_block(__FILE__, __LINE__, ::cuemu::BarrierKind::kCount, (p))
+
+namespace cuemu {
+template <typename T>
+T shfl(const char* file, int line, WarpKind kind, unsigned mask, T v, int arg, int width) {
+  return from_bits<T>(warp_op(file, line, kind, mask, to_bits(v), arg, width));
+}
+}  // namespace cuemu
+
+#define __shfl_down_sync(mask, v, ...) ::cuemu::shfl_call(__FILE__, __LINE__, ::cuemu::WarpKind::kShflDown, mask, v, __VA_ARGS__)
+#define __shfl_up_sync(mask, v, ...) ::cuemu::shfl_call(__FILE__, __LINE__, ::cuemu::WarpKind::kShflUp, mask, v, __VA_ARGS__)
+#define __shfl_xor_sync(mask, v, ...) ::cuemu::shfl_call(__FILE__, __LINE__, ::cuemu::WarpKind::kShflXor, mask, v, __VA_ARGS__)
+#define __shfl_sync(mask, v, ...) ::cuemu::shfl_call(__FILE__, __LINE__, ::cuemu::WarpKind::kShfl, mask, v, __VA_ARGS__)
+#define __ballot_sync(mask, p) \
+  static_cast<unsigned>(::cuemu::warp_op(__FILE__, __LINE__, ::cuemu::WarpKind::kBallot, mask, 0, (p) != 0, 32))
+#define __any_sync(mask, p) \
+  static_cast<int>(::cuemu::warp_op(__FILE__, __LINE__, ::cuemu::WarpKind::kAny, mask, 0, (p) != 0, 32))
+#define __all_sync(mask, p) \
+  static_cast<int>(::cuemu::warp_op(__FILE__, __LINE__, ::cuemu::WarpKind::kAll, mask, 0, (p) != 0, 32))
+#define __syncwarp(...) ::cuemu::syncwarp_call(__FILE__, __LINE__ __VA_OPT__(, ) __VA_ARGS__)
+
+namespace cuemu {
+template <typename T>
+T shfl_call(const char* file, int line, WarpKind kind, unsigned mask, T v, int arg, int width = kWarpSize) {
+  return shfl(file, line, kind, mask, v, arg, width);
+}
+inline void syncwarp_call(const char* file, int line, unsigned mask = 0xffffffffu) {
+  warp_op(file, line, WarpKind::kSyncwarp, mask, 0, 0, kWarpSize);
+}
+
+// Atomics: every access to the word goes through std::atomic_ref, so TSan sees them as atomic.
+template <typename T>
+T atomicAdd(T* p, T v) {
+  return std::atomic_ref<T>(*p).fetch_add(v);
+}
+template <typename T>
+T atomicSub(T* p, T v) {
+  return std::atomic_ref<T>(*p).fetch_sub(v);
+}
+template <typename T>
+T atomicExch(T* p, T v) {
+  return std::atomic_ref<T>(*p).exchange(v);
+}
+template <typename T>
+T atomicCAS(T* p, T expected, T desired) {
+  std::atomic_ref<T>(*p).compare_exchange_strong(expected, desired);
+  return expected;
+}
+template <typename T>
+T atomicMax(T* p, T v) {
+  std::atomic_ref<T> a(*p);
+  T old = a.load();
+  while (old < v && !a.compare_exchange_weak(old, v)) {
+  }
+  return old;
+}
+template <typename T>
+T atomicMin(T* p, T v) {
+  std::atomic_ref<T> a(*p);
+  T old = a.load();
+  while (v < old && !a.compare_exchange_weak(old, v)) {
+  }
+  return old;
+}
+template <typename T>
+T atomicOr(T* p, T v) {
+  return std::atomic_ref<T>(*p).fetch_or(v);
+}
+template <typename T>
+T atomicAnd(T* p, T v) {
+  return std::atomic_ref<T>(*p).fetch_and(v);
+}
+}  // namespace cuemu
+
+namespace cuemu {
+// CUDA's device min/max overloads, for arguments of one type.
+template <typename T, typename = std::enable_if_t<std::is_arithmetic_v<T>>>
+inline T min(T a, T b) {
+  return b < a ? b : a;
+}
+template <typename T, typename = std::enable_if_t<std::is_arithmetic_v<T>>>
+inline T max(T a, T b) {
+  return a < b ? b : a;
+}
+}  // namespace cuemu
+
+// The kernels' namespace sees the device functions as CUDA code does, unqualified and overloaded for float and
+// double (the host's global abs, for one, takes an int).
+namespace clfast::cuda {
+using std::abs;
+using std::ceil;
+using std::erf;
+using std::exp;
+using std::fabs;
+using std::floor;
+using std::fmax;
+using std::fmin;
+using std::isinf;
+using std::isnan;
+using std::log;
+using std::pow;
+using std::sqrt;
+using std::tanh;
+using ::cuemu::atomicAdd;
+using ::cuemu::atomicAnd;
+using ::cuemu::atomicCAS;
+using ::cuemu::atomicExch;
+using ::cuemu::atomicMax;
+using ::cuemu::atomicMin;
+using ::cuemu::atomicOr;
+using ::cuemu::atomicSub;
+using ::cuemu::max;
+using ::cuemu::min;
+}  // namespace clfast::cuda
