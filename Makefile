@@ -12,7 +12,7 @@ ROOT := $(shell [ "$$(id -u)" = 0 ] && echo yes)
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 export MAX_JOBS
 
-.PHONY: run test bench env build cuemu data clean
+.PHONY: run test bench env build cuemu sanitize cuda-resources data clean
 
 run: build data
 	$(PY) -m clfast --data-dir $(DATA_DIR)
@@ -47,6 +47,17 @@ build: env
 # The emulated CUDA library of the tests (tests/cuemu/build.py; ninja keeps what has not changed).
 cuemu: env
 	$(PY) tests/cuemu/build.py
+
+# The emulated kernels under ThreadSanitizer, then AddressSanitizer + UndefinedBehaviorSanitizer: the op matrix
+# and the emulator's own tests, which launch every kernel (`make sanitize SANITIZE_TESTS=tests` for all).
+SANITIZE_TESTS ?= tests/test_ops.py tests/test_cuemu.py -k "not every_cuda_kernel"
+sanitize: build
+	PY=$(PY) tests/cuemu/sanitize.sh thread address -- $(SANITIZE_TESTS)
+
+# The CUDA kernels' registers, stack, spills and shared memory for sm_80/86/90 against
+# benchmarks/results/cuda-resources.txt (needs nvcc; fails on a spill or a larger stack).
+cuda-resources: env
+	$(PY) benchmarks/cuda_resources.py
 
 data:
 	@if [ ! -f $(DATA_DIR)/train-images-idx3-ubyte.gz ]; then \

@@ -15,7 +15,9 @@ needs_native = pytest.mark.skipif(not native_available(), reason="native extensi
 
 CUEMU_NAMESPACE = "clfast_cuemu"
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CUEMU_LIBRARY = os.path.join(_ROOT, "build", "cuemu", "plain", CUEMU_NAMESPACE + ".so")
+# CLFAST_EMU_LIBRARY names a sanitized build instead (tests/cuemu/sanitize.sh).
+CUEMU_LIBRARY = os.environ.get("CLFAST_EMU_LIBRARY") or os.path.join(_ROOT, "build", "cuemu", "plain",
+                                                                     CUEMU_NAMESPACE + ".so")
 
 
 def _load_cuemu() -> Optional[str]:

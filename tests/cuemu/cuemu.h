@@ -23,7 +23,6 @@
 #error "cuemu.h is for host-compiled builds of the CUDA sources"
 #endif
 
-#include <ucontext.h>
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -33,6 +32,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <numeric>
 #include <random>
@@ -52,6 +52,10 @@ void __tsan_destroy_fiber(void* fiber);
 void __tsan_switch_to_fiber(void* fiber, unsigned flags);
 void __tsan_acquire(void* addr);
 void __tsan_release(void* addr);
+void AnnotateIgnoreReadsBegin(const char* file, int line);
+void AnnotateIgnoreReadsEnd(const char* file, int line);
+void AnnotateIgnoreWritesBegin(const char* file, int line);
+void AnnotateIgnoreWritesEnd(const char* file, int line);
 }
 #define CUEMU_TSAN 1
 #endif
@@ -59,9 +63,82 @@ void __tsan_release(void* addr);
 extern "C" {
 void __sanitizer_start_switch_fiber(void** fake_stack_save, const void* bottom, size_t size);
 void __sanitizer_finish_switch_fiber(void* fake_stack_save, const void** bottom_old, size_t* size_old);
+void __asan_unpoison_memory_region(void const volatile* addr, size_t size);
 }
 #define CUEMU_ASAN 1
 #endif
+
+// The emulator's own functions: under TSan they are not instrumented (their bookkeeping is ordered by the
+// fiber switches, which TSan is told not to see), and only the kernels' accesses are checked.
+#if defined(CUEMU_TSAN)
+#define CUEMU_INTERNAL inline __attribute__((noinline, no_sanitize_thread))
+#else
+#define CUEMU_INTERNAL inline
+#endif
+
+namespace cuemu {
+// Under TSan, the accesses of the emulator's bookkeeping (and of the library code it calls) are ignored while
+// one of these lives; elsewhere it is empty. fail() ends the ignores of the frames it abandons.
+struct Unchecked {
+#if defined(__SANITIZE_THREAD__)
+  Unchecked();
+  ~Unchecked();
+  static void begin() {
+    AnnotateIgnoreReadsBegin(__FILE__, __LINE__);
+    AnnotateIgnoreWritesBegin(__FILE__, __LINE__);
+  }
+  static void end() {
+    AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
+    AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
+  }
+#endif
+};
+}  // namespace cuemu
+
+// The fiber switch: saves the callee-saved registers and the floating-point control words on the running stack,
+// stores its stack pointer in *save and continues on the stack `load` (a stack saved the same way, or one made by
+// new_stack). No system call, unlike swapcontext.
+#if !defined(__x86_64__)
+#error "cuemu: the fiber switch is written for x86-64"
+#endif
+extern "C" void cuemu_switch(void** save, void* load);
+extern "C" void cuemu_start();
+asm(R"(
+  .pushsection .text
+  .weak cuemu_switch
+  .type cuemu_switch, @function
+cuemu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size cuemu_switch, .-cuemu_switch
+  .weak cuemu_start
+  .type cuemu_start, @function
+cuemu_start:
+  andq $-16, %rsp
+  call *%r12
+  ud2
+  .size cuemu_start, .-cuemu_start
+  .popsection
+)");
 
 #define __global__
 #define __device__
@@ -82,7 +159,7 @@ constexpr int kWarpSize = 32;
 constexpr size_t kParamLimit = 4096;
 
 struct Fiber {
-  ucontext_t ctx;
+  void* sp = nullptr;  // its saved stack pointer while switched out
   void* stack = nullptr;
   size_t stack_size = 0;
   dim3 tid;
@@ -93,7 +170,9 @@ struct Fiber {
   uint64_t xfer = 0, result = 0;  // warp exchange: this lane's value, its result
   int arg = 0;
 #if defined(CUEMU_TSAN)
-  void* tsan = nullptr;
+  void* tsan = nullptr;               // the TSan thread it runs as in this block: one of
+  void* tsan_threads[4] = {};         // these, by turns, so that neighbouring blocks are never ordered
+  int unchecked = 0;                  // live Unchecked scopes
 #endif
 };
 
@@ -117,15 +196,15 @@ struct WarpState {
   unsigned arrived = 0, mask = 0;
   WarpKind kind = WarpKind::kSyncwarp;
   int width = kWarpSize;
+  unsigned episode = 0;
   const char* file = nullptr;
   int line = 0;
-  char tsan_sync = 0;  // the address TSan's release/acquire annotations name
 };
 
 // The one emulated device: launches are serialised, and the running block's state lives here.
 struct Device {
   std::mutex launch_mutex;
-  ucontext_t scheduler;
+  void* scheduler = nullptr;  // the scheduler's saved stack pointer while a fiber runs
   std::vector<Fiber> fibers;  // one per thread slot, kept across launches with their stacks
   int threads = 0;            // the running block's threads: fibers[0, threads)
   std::vector<WarpState> warps;
@@ -138,7 +217,14 @@ struct Device {
   int barrier_line = 0;
   BarrierKind barrier_kind = BarrierKind::kSync;
   int votes = 0;
-  char tsan_barrier = 0;
+  unsigned episode = 0;  // of the block barrier
+  // The addresses TSan's release/acquire annotations name, fresh for every block (freeing them forgets their
+  // history, so no order carries over from one block to the next): [0] the block's start (the host's writes
+  // before the launch), [1] its end (what the host reads after it), [2 + e % 2] the block barrier's episode e,
+  // [4 + 2 w + e % 2] warp w's exchange e. Start and end are apart (a thread that starts after another ended
+  // is not ordered after it), and so are consecutive episodes (a thread released from one, not yet resumed,
+  // is not ordered after what others do before the next).
+  char* sync = nullptr;
   std::string error;  // set by a fiber that found an error; the scheduler abandons the block
   void (*body)(void*) = nullptr;
   void* body_arg = nullptr;
@@ -147,6 +233,8 @@ struct Device {
 #endif
 #if defined(CUEMU_ASAN)
   void* asan_fake_stack = nullptr;
+  const void* asan_main_bottom = nullptr;  // the scheduler's stack, for switching back to it
+  size_t asan_main_size = 0;
 #endif
 };
 
@@ -155,7 +243,21 @@ inline Device& device() {
   return d;
 }
 
-inline Fiber& self() { return *device().current; }
+#if defined(CUEMU_TSAN)
+inline __attribute__((no_sanitize_thread)) Unchecked::Unchecked() {
+  begin();
+  if (Fiber* f = device().current) ++f->unchecked;
+}
+inline __attribute__((no_sanitize_thread)) Unchecked::~Unchecked() {
+  if (Fiber* f = device().current) --f->unchecked;
+  end();
+}
+#endif
+
+CUEMU_INTERNAL Fiber& self() {
+  const Unchecked unchecked;
+  return *device().current;
+}
 
 inline std::string where(const char* file, int line) {
   const char* base = std::strstr(file, "csrc/");
@@ -167,24 +269,24 @@ inline std::string thread_name(const Fiber& f) {
          ")";
 }
 
-inline void tsan_release(char* addr) {
+CUEMU_INTERNAL void tsan_release(int slot) {
 #if defined(CUEMU_TSAN)
-  __tsan_release(addr);
+  __tsan_release(device().sync + slot);
 #else
-  (void)addr;
+  (void)slot;
 #endif
 }
 
-inline void tsan_acquire(char* addr) {
+CUEMU_INTERNAL void tsan_acquire(int slot) {
 #if defined(CUEMU_TSAN)
-  __tsan_acquire(addr);
+  __tsan_acquire(device().sync + slot);
 #else
-  (void)addr;
+  (void)slot;
 #endif
 }
 
 // Switch from the running fiber back to the scheduler, which resumes it once it is ready again.
-inline void yield() {
+CUEMU_INTERNAL void yield() {
   Device& d = device();
   Fiber& f = *d.current;
 #if defined(CUEMU_TSAN)
@@ -192,22 +294,29 @@ inline void yield() {
 #endif
 #if defined(CUEMU_ASAN)
   void* fake = nullptr;
-  __sanitizer_start_switch_fiber(&fake, nullptr, 0);
+  __sanitizer_start_switch_fiber(&fake, d.asan_main_bottom, d.asan_main_size);
 #endif
-  swapcontext(&f.ctx, &d.scheduler);
+  cuemu_switch(&f.sp, d.scheduler);
 #if defined(CUEMU_ASAN)
   __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #endif
 }
 
 // A fiber that found an error records it and never runs again.
-[[noreturn]] inline void fail(const std::string& message) {
-  Device& d = device();
-  if (d.error.empty()) d.error = message;
+[[noreturn]] CUEMU_INTERNAL void fail(const std::string& message) {
+  {
+    const Unchecked unchecked;
+    Device& d = device();
+    if (d.error.empty()) d.error = message;
+  }
+#if defined(CUEMU_TSAN)
+  for (Fiber* f = device().current; f->unchecked > 0; --f->unchecked) Unchecked::end();
+#endif
   for (;;) yield();
 }
 
-inline void release_block_barrier() {
+CUEMU_INTERNAL void release_block_barrier() {
+  const Unchecked unchecked;
   Device& d = device();
   for (int i = 0; i < d.threads; ++i)
     if (Fiber& f = d.fibers[i]; f.state == Fiber::kBlockBarrier) {
@@ -222,28 +331,39 @@ inline void release_block_barrier() {
   d.arrived = 0;
   d.votes = 0;
   d.barrier_file = nullptr;
+  ++d.episode;
 }
 
-inline int sync_block(const char* file, int line, BarrierKind kind, int vote) {
+CUEMU_INTERNAL unsigned episode_of_block() {
+  const Unchecked unchecked;
+  return device().episode;
+}
+
+CUEMU_INTERNAL int sync_block(const char* file, int line, BarrierKind kind, int vote) {
   Device& d = device();
   Fiber& f = self();
-  if (d.arrived == 0) {
-    d.barrier_file = file;
-    d.barrier_line = line;
-    d.barrier_kind = kind;
-  } else if (d.barrier_line != line || std::strcmp(d.barrier_file, file) != 0) {
-    fail(thread_name(f) + " of block (" + std::to_string(d.block_idx.x) + ", " + std::to_string(d.block_idx.y) +
-         ", " + std::to_string(d.block_idx.z) + ") waits at the barrier at " + where(file, line) +
-         " while other threads wait at " + where(d.barrier_file, d.barrier_line));
+  const int slot = 2 + static_cast<int>(episode_of_block() % 2);
+  tsan_release(slot);
+  {  // the bookkeeping, unchecked; not across the switch, where another fiber may fail and abandon this one
+    const Unchecked unchecked;
+    if (d.arrived == 0) {
+      d.barrier_file = file;
+      d.barrier_line = line;
+      d.barrier_kind = kind;
+    } else if (d.barrier_line != line || std::strcmp(d.barrier_file, file) != 0) {
+      fail(thread_name(f) + " of block (" + std::to_string(d.block_idx.x) + ", " + std::to_string(d.block_idx.y) +
+           ", " + std::to_string(d.block_idx.z) + ") waits at the barrier at " + where(file, line) +
+           " while other threads wait at " + where(d.barrier_file, d.barrier_line));
+    }
+    f.state = Fiber::kBlockBarrier;
+    f.file = file;
+    f.line = line;
+    d.votes += vote != 0;
+    if (++d.arrived == d.live) release_block_barrier();
   }
-  tsan_release(&d.tsan_barrier);
-  f.state = Fiber::kBlockBarrier;
-  f.file = file;
-  f.line = line;
-  d.votes += vote != 0;
-  if (++d.arrived == d.live) release_block_barrier();
   yield();
-  tsan_acquire(&d.tsan_barrier);
+  tsan_acquire(slot);
+  const Unchecked unchecked;
   return static_cast<int>(f.result);
 }
 
@@ -262,7 +382,8 @@ inline T from_bits(uint64_t b) {
   return v;
 }
 
-inline void release_warp(int w) {
+CUEMU_INTERNAL void release_warp(int w) {
+  const Unchecked unchecked;
   Device& d = device();
   WarpState& ws = d.warps[w];
   const int base = w * kWarpSize;
@@ -296,10 +417,13 @@ inline void release_warp(int w) {
   }
   ws.arrived = 0;
   ws.file = nullptr;
+  ++ws.episode;
 }
 
-inline uint64_t warp_op(const char* file, int line, WarpKind kind, unsigned mask, uint64_t value, int arg,
-                        int width) {
+// A lane's arrival at a warp operation; returns its TSan slot.
+CUEMU_INTERNAL int warp_arrive(const char* file, int line, WarpKind kind, unsigned mask, uint64_t value, int arg,
+                               int width) {
+  const Unchecked unchecked;
   Device& d = device();
   Fiber& f = self();
   const int w = f.linear / kWarpSize, lane = f.linear % kWarpSize;
@@ -322,36 +446,51 @@ inline uint64_t warp_op(const char* file, int line, WarpKind kind, unsigned mask
          " while others wait at " + warp_kind_name(ws.kind) + " at " + where(ws.file, ws.line) + " with mask " +
          std::to_string(ws.mask));
   }
-  tsan_release(&ws.tsan_sync);
   f.state = Fiber::kWarpOp;
   f.file = file;
   f.line = line;
   f.xfer = value;
   f.arg = arg;
   ws.arrived |= 1u << lane;
+  const int slot = 4 + 2 * w + static_cast<int>(ws.episode % 2);
   if (ws.arrived == ws.mask) release_warp(w);
-  yield();
-  tsan_acquire(&ws.tsan_sync);
-  return f.result;
+  return slot;
 }
 
-inline void fiber_main() {
+// Unchecked bookkeeping on either side of the switch, not across it: another lane may fail there and abandon
+// this fiber.
+CUEMU_INTERNAL uint64_t warp_op(const char* file, int line, WarpKind kind, unsigned mask, uint64_t value, int arg,
+                                int width) {
+  const int slot = warp_arrive(file, line, kind, mask, value, arg, width);
+  tsan_release(slot);
+  yield();
+  tsan_acquire(slot);
+  const Unchecked unchecked;
+  return self().result;
+}
+
+CUEMU_INTERNAL void fiber_main() {
   Device& d = device();
 #if defined(CUEMU_ASAN)
-  __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
+  __sanitizer_finish_switch_fiber(nullptr, &d.asan_main_bottom, &d.asan_main_size);
 #endif
+  tsan_acquire(0);  // what the host wrote before the launch
   d.body(d.body_arg);
-  Fiber& f = self();
-  f.state = Fiber::kDone;
-  --d.live;
-  if (d.arrived > 0 && d.arrived == d.live) release_block_barrier();  // exited threads do not hold a barrier
+  {
+    const Unchecked unchecked;
+    Fiber& f = self();
+    f.state = Fiber::kDone;
+    --d.live;
+    if (d.arrived > 0 && d.arrived == d.live) release_block_barrier();  // exited threads do not hold a barrier
+  }
+  tsan_release(1);  // the host reads the results after the launch
 #if defined(CUEMU_TSAN)
   __tsan_switch_to_fiber(d.tsan_scheduler, 1);
 #endif
 #if defined(CUEMU_ASAN)
-  __sanitizer_start_switch_fiber(nullptr, nullptr, 0);
+  __sanitizer_start_switch_fiber(nullptr, d.asan_main_bottom, d.asan_main_size);
 #endif
-  setcontext(&d.scheduler);
+  cuemu_switch(&self().sp, d.scheduler);  // never resumed
 }
 
 inline size_t stack_size() {
@@ -375,7 +514,8 @@ inline void ensure_stacks(std::vector<Fiber>& fibers) {
   }
 }
 
-inline std::string describe_stuck(const Device& d) {
+CUEMU_INTERNAL std::string describe_stuck(const Device& d) {
+  const Unchecked unchecked;
   std::ostringstream s;
   s << "block (" << d.block_idx.x << ", " << d.block_idx.y << ", " << d.block_idx.z << ") can never finish:";
   int shown = 0;
@@ -391,25 +531,43 @@ inline std::string describe_stuck(const Device& d) {
   return s.str();
 }
 
+// A stack on which cuemu_switch starts entry(): the frame cuemu_switch pops, with r12 = entry, returning into
+// cuemu_start, which calls it.
+inline void* new_stack(void* base, size_t size, void (*entry)()) {
+  uint64_t* top = reinterpret_cast<uint64_t*>((reinterpret_cast<uintptr_t>(base) + size) & ~uintptr_t(15));
+  uint64_t* sp = top - 10;
+  uint32_t control[2] = {0, 0};
+  asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(control[0]), "+m"(control[1]));
+  std::memcpy(sp, control, 8);                                  // mxcsr, x87 control word
+  sp[1] = 0;                                                    // r15
+  sp[2] = 0;                                                    // r14
+  sp[3] = 0;                                                    // r13
+  sp[4] = reinterpret_cast<uint64_t>(entry);                    // r12
+  sp[5] = 0;                                                    // rbx
+  sp[6] = 0;                                                    // rbp
+  sp[7] = reinterpret_cast<uint64_t>(&cuemu_start);             // return address
+  return sp;
+}
+
 // Runs one block to completion; returns an error message, or an empty string.
-inline std::string run_block(Device& d) {
+CUEMU_INTERNAL std::string run_block(Device& d) {
+  const Unchecked unchecked;
   const int n = d.threads;
   for (int i = 0; i < n; ++i) {
     Fiber& f = d.fibers[i];
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack;
-    f.ctx.uc_stack.ss_size = f.stack_size;
-    f.ctx.uc_link = nullptr;
-    makecontext(&f.ctx, fiber_main, 0);
+    f.sp = new_stack(f.stack, f.stack_size, &fiber_main);
     f.state = Fiber::kReady;
-#if defined(CUEMU_TSAN)
-    if (f.tsan == nullptr) f.tsan = __tsan_create_fiber(0);
-#endif
   }
+  const std::unique_ptr<char[]> sync(new char[4 + 2 * d.warps.size()]);
+  d.sync = sync.get();
+#if defined(CUEMU_TSAN)
+  __tsan_release(d.sync);  // the host's writes before the launch happen before every thread
+#endif
   for (WarpState& w : d.warps) w = WarpState{};
   d.live = n;
   d.arrived = 0;
   d.votes = 0;
+  d.episode = 0;
   d.error.clear();
   for (;;) {
     bool ran = false;
@@ -424,16 +582,21 @@ inline std::string run_block(Device& d) {
 #if defined(CUEMU_ASAN)
       __sanitizer_start_switch_fiber(&d.asan_fake_stack, f.stack, f.stack_size);
 #endif
-      swapcontext(&d.scheduler, &f.ctx);
+      cuemu_switch(&d.scheduler, f.sp);
 #if defined(CUEMU_ASAN)
       __sanitizer_finish_switch_fiber(d.asan_fake_stack, nullptr, nullptr);
 #endif
       d.current = nullptr;
-      if (!d.error.empty()) return d.error;
+      if (!d.error.empty()) break;
     }
-    if (d.live == 0) return {};
-    if (!ran) return describe_stuck(d);
+    if (!d.error.empty() || d.live == 0 || !ran) break;
   }
+  std::string error = !d.error.empty() ? d.error : d.live > 0 ? describe_stuck(d) : std::string();
+#if defined(CUEMU_TSAN)
+  __tsan_acquire(d.sync + 1);
+#endif
+  d.sync = nullptr;
+  return error;
 }
 
 // The kernel's name as written in csrc/ followed by its template arguments, from the compiler's spelling of
@@ -545,20 +708,66 @@ void launch(dim3 grid, dim3 block, size_t shmem, Args&&... args) {
   d.tsan_scheduler = __tsan_get_current_fiber();
 #endif
   std::string error;
+  size_t serial = 0;
   for (const dim3& b : block_order(grid)) {
     d.block_idx = b;
+#if defined(CUEMU_TSAN)
+    // TSan threads are kept (creating them costs more than the kernels) and taken by turns: a thread slot's
+    // accesses in one block are ordered before its accesses four blocks later, never in the next three.
+    for (int i = 0; i < threads; ++i) {
+      void*& t = d.fibers[i].tsan_threads[serial % 4];
+      if (t == nullptr) t = __tsan_create_fiber(0);
+      d.fibers[i].tsan = t;
+    }
+#endif
+    ++serial;
     error = run_block(d);
     if (!error.empty()) break;
   }
+#if defined(CUEMU_TSAN)
+  // The launch is over, also for the threads of a block abandoned on an error: everything they did happens
+  // before what the host does next (a synchronising switch to each and back).
+  for (int i = 0; i < threads; ++i)
+    for (void* t : d.fibers[i].tsan_threads)
+      if (t != nullptr) {
+        __tsan_switch_to_fiber(t, 0);
+        __tsan_switch_to_fiber(d.tsan_scheduler, 0);
+      }
+#endif
+#if defined(CUEMU_ASAN)
+  // The frames of a block abandoned on an error never returned, so their redzones are still poisoned; the
+  // next launch's frames on these stacks must not meet them.
+  if (!error.empty())
+    for (int i = 0; i < threads; ++i) __asan_unpoison_memory_region(d.fibers[i].stack, d.fibers[i].stack_size);
+#endif
   if (!error.empty()) throw std::runtime_error("cuemu: " + name + ": " + error);
 }
 
 }  // namespace cuemu
 
-#define threadIdx (::cuemu::device().current->tid)
-#define blockIdx (::cuemu::device().block_idx)
-#define blockDim (::cuemu::device().block_dim)
-#define gridDim (::cuemu::device().grid_dim)
+namespace cuemu {
+CUEMU_INTERNAL dim3 thread_idx() {
+  const Unchecked unchecked;
+  return device().current->tid;
+}
+CUEMU_INTERNAL dim3 block_idx() {
+  const Unchecked unchecked;
+  return device().block_idx;
+}
+CUEMU_INTERNAL dim3 block_dim() {
+  const Unchecked unchecked;
+  return device().block_dim;
+}
+CUEMU_INTERNAL dim3 grid_dim() {
+  const Unchecked unchecked;
+  return device().grid_dim;
+}
+}  // namespace cuemu
+
+#define threadIdx (::cuemu::thread_idx())
+#define blockIdx (::cuemu::block_idx())
+#define blockDim (::cuemu::block_dim())
+#define gridDim (::cuemu::grid_dim())
 #define warpSize 32
 
 #define __syncthreads() ::cuemu::sync_block(__FILE__, __LINE__, ::cuemu::BarrierKind::kSync, 0)

@@ -29,6 +29,22 @@ __global__ void neighbours(int64_t* out) {
   out[blockIdx.x * blockDim.x + t] = s[(t + 1) % blockDim.x];
 }
 
+// neighbours without its barrier: a race, which TSan must report (tests/test_cuemu.py, sanitizer runs only).
+__global__ void racy_neighbours(int64_t* out) {
+  __shared__ int64_t s[256];
+  const int t = threadIdx.x;
+  s[t] = blockIdx.x * 1000 + t;
+  out[blockIdx.x * blockDim.x + t] = s[(t + 1) % blockDim.x];
+}
+
+// A shared array indexed one past its end, which UBSan must report (sanitizer runs only).
+__global__ void shared_out_of_bounds(int64_t* out, int n) {
+  __shared__ int64_t s[32];
+  s[threadIdx.x % 32] = threadIdx.x;
+  __syncthreads();
+  out[threadIdx.x] = s[threadIdx.x % 32 + n];
+}
+
 // Warp exchange: for each lane, shfl_down(1), shfl_up(1), shfl_xor(3), shfl(lane 5), ballot(odd), any, all.
 __global__ void warp_ops(int64_t* out) {
   const int lane = threadIdx.x % 32;
@@ -101,6 +117,16 @@ at::Tensor emu_selftest(c10::string_view which, int64_t n) {
     at::Tensor out = at::full({3 * n}, -1, longs);
     CLFAST_LAUNCH(neighbours, 3, static_cast<unsigned>(n), 0, 0, out.data_ptr<int64_t>());
     return out.view({3, n});
+  }
+  if (c == "racy_neighbours") {
+    at::Tensor out = at::full({2 * n}, -1, longs);
+    CLFAST_LAUNCH(racy_neighbours, 2, static_cast<unsigned>(n), 0, 0, out.data_ptr<int64_t>());
+    return out.view({2, n});
+  }
+  if (c == "shared_out_of_bounds") {
+    at::Tensor out = at::full({32}, -1, longs);
+    CLFAST_LAUNCH(shared_out_of_bounds, 1, 32, 0, 0, out.data_ptr<int64_t>(), static_cast<int>(n));
+    return out;
   }
   if (c == "warp_ops") {
     at::Tensor out = at::full({n * 7}, -1, longs);
