@@ -6,6 +6,12 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
 #       pytest-benchmark py-cpuinfo nngeometry==0.4
 # Usage: benchmarks/gpu_check.sh [LOG]   (default benchmarks/results/gpu_check-<date>.log)
+#
+# Without a GPU every CUDA kernel already runs in CI on the emulated device (tests/cuemu, README: "How the CUDA
+# code is verified"). What only this run can tell: performance and occupancy (the benchmarks), weak memory
+# ordering, true concurrency between blocks and streams, warp-synchronous code without a _sync operation, and
+# FMA-contracted numerics (the CUDA tests against the references), plus compute-sanitizer's racecheck and
+# memcheck on real hardware when it is installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -28,6 +34,14 @@ step() {  # step NAME CMD...: runs, logs, and remembers the first failure
   step "build (FORCE_CUDA=1)" env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
     MAX_JOBS="${MAX_JOBS:-8}" $PY setup.py -q build_ext --inplace
   step "CUDA tests" $PY -m pytest tests -m cuda -q -p no:cacheprovider -rs
+  if command -v compute-sanitizer >/dev/null; then
+    for tool in racecheck memcheck; do
+      step "compute-sanitizer $tool (op matrix)" compute-sanitizer --tool "$tool" --error-exitcode 1 \
+        $PY -m pytest tests/test_ops.py -m cuda -q -p no:cacheprovider
+    done
+  else
+    echo "(compute-sanitizer not installed: racecheck / memcheck not run)"
+  fi
   if $PY -c 'import pytest_benchmark' 2>/dev/null; then
     step "GPU benchmarks" $PY -m pytest benchmarks -k cuda -q -p no:cacheprovider \
       --benchmark-columns=min,median,mean,rounds --benchmark-sort=name

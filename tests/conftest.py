@@ -1,7 +1,29 @@
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
 
 import clfast
+
+# The session traces its emulated launches (before the emulated library loads: it reads this once), so that the
+# coverage test, run last, can check them instead of running the emulated suite again.
+_trace_dir = None
+if not os.environ.get("CLFAST_EMU_TRACE"):
+    _trace_dir = tempfile.mkdtemp(prefix="clfast-cuemu-")
+    os.environ["CLFAST_EMU_TRACE"] = os.path.join(_trace_dir, "trace.txt")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _trace_dir is not None:
+        shutil.rmtree(_trace_dir, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The coverage test of the emulated device runs after everything else."""
+    last = [i for i in items if i.name.startswith("test_every_cuda_kernel_is_launched")]
+    items[:] = [i for i in items if i not in last] + last
 
 
 @pytest.fixture(params=["native", "reference"])

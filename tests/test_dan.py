@@ -84,6 +84,32 @@ def test_op_without_biases_and_wide_layer(device):
 
 
 @needs_native
+@pytest.mark.parametrize("device", device_params())
+def test_batch_statistics_of_a_large_mean(device):
+    """Inputs 1000 +- 1 in float64: a variance from the sums of x and x^2 would lose six of its digits."""
+    params, stats = _layer_tensors(2, 3, 4, 2, torch.float64, device, 13)
+    x = (1e3 + torch.randn(9, 3, generator=torch.Generator().manual_seed(14), dtype=torch.float64)).to(device)
+    x.requires_grad_()
+    native, ref = _run("native", x, params, stats, True, "tanh"), _run("reference", x, params, stats, True, "tanh")
+    for a, r in zip((native[0], *native[1], *native[2]), (ref[0], *ref[1], *ref[2])):
+        _close(a, r)
+
+
+@needs_native
+@pytest.mark.parametrize("device", device_params())
+def test_more_neurons_than_one_launch_grid(device):
+    """65,572 one-input neurons: the CUDA column passes take at most 65,535 neurons per launch (grid y), so blocks
+    loop over a second neuron and reuse their shared arrays."""
+    n, b = 65535 + 37, 8  # float64: with this many neurons some have a batch variance float32 resolves poorly
+    params, stats = _layer_tensors(n, 1, 1, 1, torch.float64, device, 11)
+    x = torch.randn(n, b, 1, generator=torch.Generator().manual_seed(12), dtype=torch.float64).to(device)
+    x.requires_grad_()
+    native, ref = _run("native", x, params, stats, True, "tanh"), _run("reference", x, params, stats, True, "tanh")
+    for a, r in zip((native[0], *native[1], *native[2]), (ref[0], *ref[1], *ref[2])):
+        _close(a, r)
+
+
+@needs_native
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("per_neuron", [False, True])
 def test_gradcheck_float64(training, per_neuron):

@@ -34,19 +34,23 @@ __device__ void col_norm_group(int64_t g, const T* __restrict__ h, MatrixView hv
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kCols + tx;
   const bool active = j < Cg;
-  double sq[2] = {0.0, 0.0};  // sum, sum of squares
+  // Sums of (h - k) and its square, shifted by the column's first value k: the variance's cancellation then
+  // depends on how far the mean lies from one sample, a few standard deviations, not on the mean's magnitude.
+  const double k = active ? static_cast<double>(h[hv.at(g, 0) + j]) : 0.0;
+  double sq[2] = {0.0, 0.0};
   if (active)
     for (int64_t b = ty; b < B; b += kRows) {
       const T a = h[hv.at(g, b) + j];
       u[uv.at(g, b) + j] = a;
-      sq[0] += a;
-      sq[1] += static_cast<double>(a) * a;
+      const double d = static_cast<double>(a) - k;
+      sq[0] += d;
+      sq[1] += d * d;
     }
   if (!normalize) return;  // uniform over the block
   block_column_sums(s_part, sq);
   if (ty == 0 && active) {
-    const double s = sq[0], q = sq[1];
-    const double mu = s / B, d = q / B - mu * mu, v = d < 0.0 ? 0.0 : d;  // NaN stays NaN, as on the CPU
+    const double ds = sq[0] / B, d = sq[1] / B - ds * ds;
+    const double mu = k + ds, v = d < 0.0 ? 0.0 : d;  // NaN stays NaN, as on the CPU
     mean[g * Cg + j] = static_cast<T>(mu);
     var[g * Cg + j] = static_cast<T>(v);
     s_mean[tx] = static_cast<T>(mu);

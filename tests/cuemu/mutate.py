@@ -56,7 +56,7 @@ def run(cmd, env=None, timeout=3600):
 
 def build(tree, sanitize=""):
     r = run([sys.executable, os.path.join(HERE, "build.py")],
-            {"CLFAST_EMU_ROOT": tree, "CLFAST_EMU_BUILD_DIR": os.path.join(WORK, sanitize or "plain"),
+            {"CLFAST_EMU_ROOT": tree, "CLFAST_EMU_BUILD_DIR": WORK,
              "CLFAST_EMU_SANITIZE": sanitize})
     if r.returncode != 0:
         raise RuntimeError(f"build failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
@@ -73,7 +73,7 @@ def tests_fail(lib, order):
 
 def tsan_reports(tree):
     build(tree, "thread")
-    env = {"PY": sys.executable, "CLFAST_EMU_ROOT": tree, "CLFAST_EMU_BUILD_DIR": os.path.join(WORK, "thread")}
+    env = {"PY": sys.executable, "CLFAST_EMU_ROOT": tree, "CLFAST_EMU_BUILD_DIR": WORK}
     r = run([os.path.join(HERE, "sanitize.sh"), "thread", "--", *TSAN_TESTS], env)
     text = r.stdout + r.stderr
     summary = [l for l in text.splitlines() if l.startswith("SUMMARY: ThreadSanitizer")]
