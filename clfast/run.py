@@ -11,6 +11,7 @@ import argparse
 import csv
 import json
 import os
+import platform
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
@@ -55,6 +56,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--fraction", type=float, default=1.0, help="use this fraction of the data (quick runs)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--numerics", choices=("portable", "native"), default="portable",
+                   help="portable: the same numbers on every x86-64 CPU with AVX2 at one thread count (MKL's "
+                        "reproducible AVX2 path, ATen's and oneDNN's AVX2 kernels); native: the CPU's widest kernels")
     g = p.add_argument_group("method hyperparameters")
     g.add_argument("--buffer-size", type=int, default=1000)
     g.add_argument("--ewc-representation", choices=("diag", "kfac", "dense", "blockdiag", "ekfac"), default="diag")
@@ -271,8 +275,54 @@ def _fisher_images(fisher):
     return []
 
 
+# --numerics portable. Each library reads its variable when it first computes, so they are set before the data
+# loads; one the user has set is kept. Without them MKL, ATen and oneDNN pick their kernels by CPU, and the
+# demo's accuracies differed between an AVX-512 and an AVX2 CPU. MKL honours AVX2 on Intel CPUs only (elsewhere
+# it picks by CPU); MKL_CBWR=COMPATIBLE is the same on every vendor, at about twice the GEMM time.
+PORTABLE_NUMERICS = {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def _portable_numerics() -> Dict[str, Optional[str]]:
+    """Sets PORTABLE_NUMERICS where unset (x86-64 only); returns the previous values, for _restore."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return {}
+    before = {k: os.environ.get(k) for k in PORTABLE_NUMERICS}
+    for k, v in PORTABLE_NUMERICS.items():
+        os.environ.setdefault(k, v)
+    return before
+
+
+def _cpu() -> str:
+    """The CPU's vendor and model, as results.json records them (reproducibility depends on the vendor)."""
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return " ".join(v for v in (info.get("vendor_id"), info.get("model name")) if v) or platform.processor()
+
+
+def _restore(before: Dict[str, Optional[str]]) -> None:
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    before = _portable_numerics() if args.numerics == "portable" else {}
+    try:
+        return _main(args)
+    finally:  # the libraries have read them by now; a caller's environment is left as it was
+        _restore(before)
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.backend:
         ops.set_backend(args.backend)
     try:
@@ -283,10 +333,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     config = {k: v for k, v in vars(args).items()}
     config.update(version=__version__, backend=ops.backend(), num_tasks=len(scenario.train),
-                  classes_per_task=[t.classes for t in scenario.train])
+                  classes_per_task=[t.classes for t in scenario.train],
+                  cpu_capability=torch.backends.cpu.get_cpu_capability(), num_threads=torch.get_num_threads(),
+                  numerics_env={k: os.environ.get(k) for k in PORTABLE_NUMERICS}, cpu=_cpu())
     print(f"clfast {__version__}: {args.scenario} Fashion-MNIST, {len(scenario.train)} tasks, model {args.model}, "
           f"{args.epochs} epoch(s) per task, SGD lr {args.lr} momentum {args.momentum}, batch {args.batch_size}, "
-          f"backend {ops.backend()}, device {args.device}")
+          f"backend {ops.backend()}, device {args.device}, numerics {args.numerics} "
+          f"({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)")
     results, failed = {}, {}
     for method in args.methods:
         try:

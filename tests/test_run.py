@@ -1,9 +1,15 @@
 """The experiment runner end to end on a tiny generated Fashion-MNIST."""
 import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
-from clfast import run
+from clfast import data, run
 
 from test_data import fake_fmnist  # noqa: F401  (fixture)
 
@@ -31,6 +37,56 @@ def test_every_method_runs_and_writes_well_formed_results(tmp_path, fake_fmnist)
         assert r["steps_per_s"] > 0 and r["wall_time_s"] > 0 and len(r["curves"]) == 5
         assert (out / f"{name.replace('+', '_')}_acc_matrix.csv").exists()
     assert (out / "summary.txt").read_text().count("\n") == len(methods.split(",")) + 2
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64") or
+                    torch.backends.cpu.get_cpu_capability() == "DEFAULT", reason="an x86-64 CPU with AVX2")
+def test_portable_numerics_pick_the_avx2_kernels_everywhere(tmp_path, fake_fmnist):  # noqa: F811
+    """In a fresh process, as `python -m clfast` runs: MKL, ATen and oneDNN take their AVX2 code paths whatever
+    the CPU has (so an AVX-512 and an AVX2 machine give the same numbers); --numerics native leaves them be;
+    the caller's environment is restored."""
+    env = {k: v for k, v in os.environ.items() if k not in run.PORTABLE_NUMERICS}
+    code = ("import json, os, sys; from clfast import run; code = run.main(sys.argv[1:]); "
+            "assert not any(k in os.environ for k in run.PORTABLE_NUMERICS); sys.exit(code)")
+    config = {}
+    for numerics in ("portable", "native"):
+        out = tmp_path / numerics
+        r = subprocess.run([sys.executable, "-c", code, "--data-dir", str(fake_fmnist), "--out", str(out), *QUICK,
+                            "--methods", "finetune", "--numerics", numerics], env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        config[numerics] = json.loads((out / "results.json").read_text())["config"]
+    assert config["portable"]["cpu_capability"] == "AVX2"
+    assert config["portable"]["numerics_env"] == run.PORTABLE_NUMERICS
+    assert config["native"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert all(v is None for v in config["native"]["numerics_env"].values())
+
+
+DEMO = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "demo" / "results.json"
+
+
+def test_make_run_reproduces_the_stored_demo(tmp_path):
+    """`make run`'s experiment on the real Fashion-MNIST gives benchmarks/results/demo's accuracy matrices exactly,
+    at the thread count they were recorded with, on a CPU of the same vendor (MKL's portable path is per vendor)."""
+    stored = json.loads(DEMO.read_text())
+    config = stored["config"]
+    if not all(os.path.exists(os.path.join(data.DEFAULT_DIR, f)) for f in data.FILES.values()):
+        pytest.skip(f"Fashion-MNIST is not in {data.DEFAULT_DIR} (make data installs it)")
+    if run._cpu().split()[:1] != config["cpu"].split()[:1]:
+        pytest.skip(f"recorded on {config['cpu']!r}, this CPU is {run._cpu()!r}")
+    threads = str(config["num_threads"])
+    env = {k: v for k, v in os.environ.items() if k not in run.PORTABLE_NUMERICS}
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
+               PYTHONPATH=os.pathsep.join([str(DEMO.parents[3])] + env.get("PYTHONPATH", "").split(os.pathsep)))
+    out = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "clfast", "--data-dir", data.DEFAULT_DIR, "--out", str(out),
+                        "--no-plots"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    new = json.loads((out / "results.json").read_text())
+    assert new["config"]["cpu_capability"] == config["cpu_capability"]
+    assert list(new["methods"]) == config["methods"]
+    for method, result in stored["methods"].items():
+        for key in ("acc_matrix", "acc_matrix_task_il"):
+            assert new["methods"][method][key] == result[key], (method, key)
 
 
 def test_seeded_rerun_is_identical(tmp_path, fake_fmnist):  # noqa: F811
