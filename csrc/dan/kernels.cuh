@@ -90,7 +90,7 @@ __device__ void norm_act_backward_group(int64_t g, const T* __restrict__ du, con
       s_mdu[tx] = static_cast<T>(sums[0] / B);
       s_mduu[tx] = static_cast<T>(sums[1] / B);
     }
-    __syncthreads();
+    __syncthreads();  // also orders the reads of s_part above before its reuse below
   }
   double cs[1] = {0.0};
   if (active) {
@@ -103,7 +103,6 @@ __device__ void norm_act_backward_group(int64_t g, const T* __restrict__ du, con
       cs[0] += v;
     }
   }
-  __syncthreads();  // s_part is reused below
   block_column_sums(s_part, cs);
   if (ty == 0 && active) colsum[g * Cg + j] = static_cast<T>(cs[0]);
 }
@@ -113,10 +112,10 @@ template <typename T>
 __global__ void __launch_bounds__(kCols* kRows)
     col_norm_kernel(int64_t groups, const T* __restrict__ h, MatrixView hv, T* __restrict__ u, MatrixView uv, int64_t B,
                     int64_t Cg, bool normalize, double eps, T* __restrict__ mean, T* __restrict__ var) {
-  for (int64_t g = blockIdx.y; g < groups; g += gridDim.y) {
+  // No barrier between groups: a group's reads of s_part come before its second barrier, and its reads of
+  // s_mean/s_rstd before the next group's first, which every thread must reach before they are rewritten.
+  for (int64_t g = blockIdx.y; g < groups; g += gridDim.y)
     col_norm_group<T>(g, h, hv, u, uv, B, Cg, normalize, eps, mean, var);
-    __syncthreads();  // the next group reuses the shared arrays
-  }
 }
 
 // At least 3 blocks per SM, so at most 85 registers per thread: left to itself, ptxas gives the double GELU
@@ -129,7 +128,7 @@ __global__ void __launch_bounds__(kCols* kRows, 3)
                              T* __restrict__ colsum) {
   for (int64_t g = blockIdx.y; g < groups; g += gridDim.y) {
     norm_act_backward_group<A, T>(g, du, u, duv, var, eps, normalize, s_act, zv, dz, dzv, B, Cg, colsum);
-    __syncthreads();
+    __syncthreads();  // thread row 0 reads s_part last: the next group's first writes must wait for it
   }
 }
 

@@ -85,6 +85,7 @@ def build(sanitize: str = "", root: str = ROOT, build_dir: str | None = None) ->
     cflags = ([f"-DTORCH_EXTENSION_NAME={NAMESPACE}", "-DTORCH_API_INCLUDE_EXTENSION_H"] +
               [f"-isystem {p}" for p in include_paths() + [sysconfig.get_paths()["include"]]] +
               ["-fPIC", "-std=c++20", "-include", os.path.join(HERE, "cuemu.h"), "-DCLFAST_CUEMU",
+               "-I" + os.path.join(root, "csrc"),  # selftest.cpp's csrc headers come from the tree built
                f"-Dclfast={NAMESPACE}", "-ffp-contract=off"])
     ldflags = ["-shared"] + [f"-L{p}" for p in library_paths()] + ["-lc10", "-ltorch_cpu", "-ltorch", "-ltorch_python"]
     name = NAMESPACE + (f"_{sanitize}" if sanitize else "")

@@ -4,8 +4,9 @@
 //   - the blocks of a grid one after another, in the order CLFAST_EMU_BLOCK_ORDER asks for (forward, reverse or
 //     shuffle; CLFAST_EMU_SEED seeds the shuffle);
 //   - the threads of a block as cooperative fibers that switch at every barrier and warp operation, each with
-//     its own threadIdx, blockIdx, blockDim and gridDim; __shared__ variables are static, so one copy serves the
-//     block that runs;
+//     its own threadIdx, blockIdx, blockDim and gridDim, resumed in the order CLFAST_EMU_THREAD_ORDER asks for
+//     (forward, reverse or shuffle: a thread that runs ahead to the next barrier overwrites shared memory before
+//     or after the others read it); __shared__ variables are static, so one copy serves the block that runs;
 //   - __syncthreads and its _or/_and/_count forms, checking that every live thread waits at the same call site;
 //     shuffles, votes and __syncwarp through a per-warp exchange, checking the masks; atomics through
 //     std::atomic_ref;
@@ -207,6 +208,7 @@ struct Device {
   void* scheduler = nullptr;  // the scheduler's saved stack pointer while a fiber runs
   std::vector<Fiber> fibers;  // one per thread slot, kept across launches with their stacks
   int threads = 0;            // the running block's threads: fibers[0, threads)
+  std::vector<int> schedule;  // the order in which the scheduler resumes them (CLFAST_EMU_THREAD_ORDER)
   std::vector<WarpState> warps;
   Fiber* current = nullptr;
   dim3 block_idx, block_dim, grid_dim;
@@ -571,7 +573,7 @@ CUEMU_INTERNAL std::string run_block(Device& d) {
   d.error.clear();
   for (;;) {
     bool ran = false;
-    for (int i = 0; i < n; ++i) {
+    for (const int i : d.schedule) {
       Fiber& f = d.fibers[i];
       if (f.state != Fiber::kReady) continue;
       ran = true;
@@ -656,23 +658,30 @@ inline void trace(const std::string& name) {
   }
 }
 
+// Puts v in the order the environment variable `var` asks for: forward (as is), reverse or shuffle (seeded by
+// CLFAST_EMU_SEED).
+template <typename V>
+void arrange(std::vector<V>& v, const char* var) {
+  const char* mode = std::getenv(var);
+  const std::string m = mode ? mode : "forward";
+  if (m == "reverse") {
+    std::reverse(v.begin(), v.end());
+  } else if (m == "shuffle") {
+    const char* seed = std::getenv("CLFAST_EMU_SEED");
+    std::mt19937_64 rng(seed ? std::strtoull(seed, nullptr, 10) : 0);
+    std::shuffle(v.begin(), v.end(), rng);
+  } else if (m != "forward") {
+    throw std::runtime_error(std::string("cuemu: ") + var + " must be forward, reverse or shuffle, got " + m);
+  }
+}
+
 inline std::vector<dim3> block_order(dim3 grid) {
   std::vector<dim3> order;
   order.reserve(size_t(grid.x) * grid.y * grid.z);
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) order.emplace_back(x, y, z);
-  const char* mode = std::getenv("CLFAST_EMU_BLOCK_ORDER");
-  const std::string m = mode ? mode : "forward";
-  if (m == "reverse") {
-    std::reverse(order.begin(), order.end());
-  } else if (m == "shuffle") {
-    const char* seed = std::getenv("CLFAST_EMU_SEED");
-    std::mt19937_64 rng(seed ? std::strtoull(seed, nullptr, 10) : 0);
-    std::shuffle(order.begin(), order.end(), rng);
-  } else if (m != "forward") {
-    throw std::runtime_error("cuemu: CLFAST_EMU_BLOCK_ORDER must be forward, reverse or shuffle, got " + m);
-  }
+  arrange(order, "CLFAST_EMU_BLOCK_ORDER");
   return order;
 }
 
@@ -700,6 +709,9 @@ void launch(dim3 grid, dim3 block, size_t shmem, Args&&... args) {
     f.tid = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
   }
   d.warps.assign((threads + kWarpSize - 1) / kWarpSize, WarpState{});
+  d.schedule.resize(threads);
+  for (int i = 0; i < threads; ++i) d.schedule[i] = i;
+  arrange(d.schedule, "CLFAST_EMU_THREAD_ORDER");
   d.grid_dim = grid;
   d.block_dim = block;
   d.body = &run_thread<K, Tuple>;

@@ -1,6 +1,7 @@
 """Mutation check of the CUDA kernels' synchronisation: deletes each __syncthreads (a _or/_and/_count form keeps
 its predicate) and breaks each warp operation's mask (full -> lane 31 left out), one at a time, in a copy of
-csrc/, and shows whether the emulated tests (blocks forward, then reversed) or ThreadSanitizer catch the mutant.
+csrc/, and shows whether the emulated tests (blocks and threads forward, then both reversed) or ThreadSanitizer
+catch the mutant.
 
     python tests/cuemu/mutate.py [--out benchmarks/results/cuemu-mutations.md]
 
@@ -66,7 +67,7 @@ def build(tree, sanitize=""):
 def tests_fail(lib, order):
     r = run([sys.executable, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider", "-x", "-m", "cuemu", "-k",
              "not every_cuda_kernel"], {"CLFAST_EMU_LIBRARY": lib, "CLFAST_EMU_BLOCK_ORDER": order,
-                                        "CLFAST_REQUIRE_CUEMU": "1"})
+                                        "CLFAST_EMU_THREAD_ORDER": order, "CLFAST_REQUIRE_CUEMU": "1"})
     failed = [l for l in r.stdout.splitlines() if l.startswith("FAILED") or l.startswith("ERROR")]
     return r.returncode != 0, (failed[0] if failed else r.stdout.strip().splitlines()[-1] if r.stdout else "")
 
@@ -80,6 +81,19 @@ def tsan_reports(tree):
     return r.returncode != 0, summary[0] if summary else text.strip().splitlines()[-1] if text.strip() else ""
 
 
+def write_table(out, rows, total):
+    with open(out, "w") as f:
+        f.write("# Mutation check of the CUDA kernels' synchronisation\n\n"
+                "`python tests/cuemu/mutate.py`: each barrier deleted (or each full warp mask broken), one at a "
+                "time; caught by the emulated tests (`pytest -m cuemu`, blocks and threads forward, then both reversed) or else by "
+                "ThreadSanitizer (`tests/cuemu/sanitize.sh thread` on the op matrix and the emulator's tests).\n\n"
+                "| site | mutant | caught by | first failure |\n|---|---|---|---|\n")
+        for r in rows:
+            f.write("| " + " | ".join(r) + " |\n")
+        caught = sum(r[2] != "survived" for r in rows)
+        f.write(f"\n{caught} of {len(rows)} mutants caught" + (f" ({total - len(rows)} not run yet)" if total > len(rows) else "") + ".\n")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cuemu-mutations.md"))
@@ -88,8 +102,9 @@ def main():
     if os.path.exists(tree):
         shutil.rmtree(tree)
     shutil.copytree(os.path.join(ROOT, "csrc"), os.path.join(tree, "csrc"))
-    rows = []
-    for path, line, what, text in mutants():
+    rows, todo = [], mutants()
+    total = len(todo)
+    for path, line, what, text in todo:
         rel = os.path.relpath(path, ROOT)
         target = os.path.join(tree, rel)
         pristine = open(path).read()
@@ -113,16 +128,7 @@ def main():
                 f.write(pristine)
         rows.append((f"{rel}:{line}", what, verdict, detail.replace("|", "/")[:160]))
         print(f"{rel}:{line} {what}: {verdict} ({time.time() - t0:.0f} s) {detail[:120]}", flush=True)
-    with open(args.out, "w") as f:
-        f.write("# Mutation check of the CUDA kernels' synchronisation\n\n"
-                "`python tests/cuemu/mutate.py`: each barrier deleted (or each full warp mask broken), one at a "
-                "time; caught by the emulated tests (`pytest -m cuemu`, blocks forward then reversed) or else by "
-                "ThreadSanitizer (`tests/cuemu/sanitize.sh thread` on the op matrix and the emulator's tests).\n\n"
-                "| site | mutant | caught by | first failure |\n|---|---|---|---|\n")
-        for r in rows:
-            f.write("| " + " | ".join(r) + " |\n")
-        caught = sum(r[2] != "survived" for r in rows)
-        f.write(f"\n{caught} of {len(rows)} mutants caught.\n")
+        write_table(args.out, rows, total)  # after every mutant, so that a stopped run keeps what it found
     print(f"wrote {args.out}")
 
 

@@ -10,9 +10,10 @@ modes=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do modes+=("$1"); shift; done
 [ "${1:-}" = "--" ] && shift
 [ ${#modes[@]} -eq 0 ] && modes=(thread address)
-# One thread: torch's OpenMP workers synchronise in ways TSan cannot see. Blocks shuffled: no kernel may depend
-# on the order of its blocks.
-export OMP_NUM_THREADS=1 CLFAST_REQUIRE_CUEMU=1 CLFAST_EMU_BLOCK_ORDER=${CLFAST_EMU_BLOCK_ORDER:-shuffle}
+# One thread: torch's OpenMP workers synchronise in ways TSan cannot see. Blocks and threads shuffled: no kernel
+# may depend on the order of its blocks, nor on which thread runs ahead between barriers.
+export OMP_NUM_THREADS=1 CLFAST_REQUIRE_CUEMU=1 CLFAST_EMU_BLOCK_ORDER=${CLFAST_EMU_BLOCK_ORDER:-shuffle} \
+  CLFAST_EMU_THREAD_ORDER=${CLFAST_EMU_THREAD_ORDER:-shuffle}
 for mode in "${modes[@]}"; do
   lib=$(CLFAST_EMU_SANITIZE=$mode "$PY" tests/cuemu/build.py 2>/dev/null | tail -n 1)
   case $mode in

@@ -5,7 +5,8 @@
 
 #include <string>
 
-#include "../../csrc/common/cuda_host.h"
+#include "common/cuda_host.h"
+#include "common/multi_tensor.cuh"
 
 namespace clfast::cuda {
 namespace {
@@ -63,6 +64,19 @@ __global__ void warp_ops(int64_t* out) {
 // The block order: each block takes the next number.
 __global__ void order(int64_t* counter, int64_t* out) {
   if (threadIdx.x == 0) out[blockIdx.x] = atomicAdd(counter, int64_t(1));
+}
+
+// The thread schedule: each thread takes the next number when it first runs.
+__global__ void thread_order(int64_t* counter, int64_t* out) { out[threadIdx.x] = atomicAdd(counter, int64_t(1)); }
+
+// csrc's block_sum twice in a row, as its contract allows: out[2 b], out[2 b + 1] (256 threads per block).
+__global__ void block_sum_twice(double* out) {
+  const double t = threadIdx.x;
+  const double first = block_sum(t + 1), second = block_sum(2 * t + blockIdx.x);
+  if (threadIdx.x == 0) {
+    out[2 * blockIdx.x] = first;
+    out[2 * blockIdx.x + 1] = second;
+  }
 }
 
 // Every thread of every block adds 1 to one counter.
@@ -137,6 +151,16 @@ at::Tensor emu_selftest(c10::string_view which, int64_t n) {
     at::Tensor counter = at::zeros({1}, longs), out = at::full({n}, -1, longs);
     CLFAST_LAUNCH(order, static_cast<unsigned>(n), 32, 0, 0, counter.data_ptr<int64_t>(), out.data_ptr<int64_t>());
     return out;
+  }
+  if (c == "thread_order") {
+    at::Tensor counter = at::zeros({1}, longs), out = at::full({n}, -1, longs);
+    CLFAST_LAUNCH(thread_order, 1, static_cast<unsigned>(n), 0, 0, counter.data_ptr<int64_t>(), out.data_ptr<int64_t>());
+    return out;
+  }
+  if (c == "block_sum_twice") {
+    at::Tensor out = at::full({2 * n}, -1.0, at::TensorOptions().dtype(at::kDouble));
+    CLFAST_LAUNCH(block_sum_twice, static_cast<unsigned>(n), kThreads, 0, 0, out.data_ptr<double>());
+    return out.view({n, 2});
   }
   if (c == "count_all") {
     at::Tensor counter = at::zeros({1}, longs);
