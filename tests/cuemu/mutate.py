@@ -85,13 +85,15 @@ def write_table(out, rows, total):
     with open(out, "w") as f:
         f.write("# Mutation check of the CUDA kernels' synchronisation\n\n"
                 "`python tests/cuemu/mutate.py`: each barrier deleted (or each full warp mask broken), one at a "
-                "time; caught by the emulated tests (`pytest -m cuemu`, blocks and threads forward, then both reversed) or else by "
-                "ThreadSanitizer (`tests/cuemu/sanitize.sh thread` on the op matrix and the emulator's tests).\n\n"
+                "time; caught by the emulated tests (`pytest -m cuemu`, blocks and threads forward, then both "
+                "reversed) or else by ThreadSanitizer (`tests/cuemu/sanitize.sh thread` on the op matrix and the "
+                "emulator's tests).\n\n"
                 "| site | mutant | caught by | first failure |\n|---|---|---|---|\n")
         for r in rows:
             f.write("| " + " | ".join(r) + " |\n")
         caught = sum(r[2] != "survived" for r in rows)
-        f.write(f"\n{caught} of {len(rows)} mutants caught" + (f" ({total - len(rows)} not run yet)" if total > len(rows) else "") + ".\n")
+        rest = f" ({total - len(rows)} not run yet)" if total > len(rows) else ""
+        f.write(f"\n{caught} of {len(rows)} mutants caught{rest}.\n")
 
 
 def main():
