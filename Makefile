@@ -15,7 +15,7 @@ export MAX_JOBS
 .PHONY: run test bench env build cuemu sanitize cuda-resources data clean
 
 run: build data
-	$(PY) -m clfast --data-dir $(DATA_DIR)
+	$(PY) -m clfast --data-dir $(DATA_DIR) --out out --overwrite
 
 # The tests run every CUDA kernel on the emulated device too (tests/cuemu), so its library is required.
 test: build cuemu data

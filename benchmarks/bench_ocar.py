@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import clfast
-from clfast.models import BaseNet
+from clfast.experiments.models import BaseNet
 from clfast.baselines.buffer import ListDataBuffer
 from clfast.baselines.ocar import seed_ours_step
 from clfast_testing import measure

@@ -8,7 +8,7 @@ from torch import nn
 
 import clfast
 from clfast import reference
-from clfast.models import BaseNet
+from clfast.experiments.models import BaseNet
 from clfast_testing import device_params, needs_native
 
 try:  # the kron_quadratic op tests need no nngeometry (GPU machines lack it); the rest do

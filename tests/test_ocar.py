@@ -10,7 +10,7 @@ pytest.importorskip("nngeometry")
 from nngeometry.metrics import FIM  # noqa: E402
 from nngeometry.object import PMatDense, PMatDiag, PMatKFAC, PVector  # noqa: E402
 
-from clfast.models import BaseNet  # noqa: E402
+from clfast.experiments.models import BaseNet  # noqa: E402
 
 REPS = {"kfac": PMatKFAC, "diag": PMatDiag, "dense": PMatDense}
 

@@ -1,15 +1,18 @@
 """Models of the experiment runner: an MLP, the seed notebook's ConvNet, and the DAN notebook's network."""
 from __future__ import annotations
 
+import math
+from typing import Sequence
+
 from torch import Tensor, nn
 
-from .nn import DAN as _DAN
+from ..nn import DAN as _DAN
 
 __all__ = ["MLP", "BaseNet", "DANClassifier", "make_model", "MODELS"]
 
 
 class MLP(nn.Sequential):
-    """``784 -> hidden -> hidden -> num_classes`` with ReLU, on flattened 28x28 images."""
+    """``in_features -> hidden -> hidden -> num_classes`` with ReLU, on flattened images."""
 
     def __init__(self, num_classes: int = 10, hidden: int = 256, in_features: int = 784) -> None:
         super().__init__(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
@@ -38,7 +41,7 @@ class BaseNet(nn.Module):
 
 
 class DANClassifier(nn.Sequential):
-    """The DAN notebook's three-layer DAN (``clfast.nn.DAN``, Tanh) on flattened 28x28 images."""
+    """The DAN notebook's three-layer DAN (``clfast.nn.DAN``, Tanh) on flattened images."""
 
     def __init__(self, num_classes: int = 10, in_features: int = 784) -> None:
         super().__init__(nn.Flatten(), _DAN(in_features, num_classes))
@@ -47,7 +50,12 @@ class DANClassifier(nn.Sequential):
 MODELS = {"mlp": MLP, "basenet": BaseNet, "dan": DANClassifier}
 
 
-def make_model(name: str, num_classes: int) -> nn.Module:
+def make_model(name: str, num_classes: int, input_shape: Sequence[int] = (1, 28, 28)) -> nn.Module:
+    """``name`` for inputs of ``input_shape`` (``[C, H, W]``) and ``num_classes`` outputs."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
-    return MODELS[name](num_classes=num_classes)
+    if name == "basenet":
+        if tuple(input_shape) != (1, 28, 28):
+            raise ValueError(f"--model basenet takes 1x28x28 images, not {'x'.join(map(str, input_shape))}")
+        return BaseNet(num_classes=num_classes)
+    return MODELS[name](num_classes=num_classes, in_features=math.prod(input_shape))

@@ -1,0 +1,195 @@
+"""One run: a method trained with one seed through a scenario's tasks, every task evaluated after every epoch.
+
+A run that diverges (a non-finite loss or parameter) or that ends a task with its accuracy on that task at
+chance raises :class:`Diverged`, with the task and step: its numbers are never a result.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..optim import SGD
+from . import methods, metrics, models
+from .scenarios import Scenario, Task
+
+EVAL_CHUNK = 2048
+
+
+class RunFailed(Exception):
+    """A run that did not give results: where (1-based task, steps taken) and why."""
+
+    def __init__(self, task: Optional[int], step: int, reason: str, num_tasks: int) -> None:
+        self.task, self.step, self.reason = task, step, reason
+        where = f"task {task}/{num_tasks}, step {step}" if task else "before training"
+        super().__init__(f"{where}: {reason}")
+
+
+class Diverged(FloatingPointError):
+    """Training went non-finite, or learnt nothing of a task."""
+
+
+@dataclass
+class Strategy:
+    """What the hooks see, named as in Avalanche's strategies."""
+    model: nn.Module
+    args: argparse.Namespace
+    device: torch.device
+    generator: torch.Generator
+    forward: Optional[Callable[[Tensor], Tensor]] = None
+    optimizer: Optional[torch.optim.Optimizer] = None
+    experience: Optional[Task] = None
+    task_index: int = 0
+    epoch: int = 0
+    step: int = 0                 # steps taken in the run
+    stream_x: Optional[Tensor] = None   # this step's batch from the stream
+    stream_y: Optional[Tensor] = None
+    mb_x: Optional[Tensor] = None       # what is trained on: the stream's batch, plus what plugins add
+    mb_y: Optional[Tensor] = None
+    mb_output: Optional[Tensor] = None
+    loss: Optional[Tensor] = None
+    reports: Dict[str, object] = field(default_factory=dict)
+
+    def report(self, key: str, value) -> None:
+        """Keeps ``value`` for the figures (the EWC plugin reports its first Fisher)."""
+        self.reports[key] = value
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task: Task, num_classes: int, device, task_il: bool):
+    """(class-IL accuracy, task-IL accuracy or None) of ``model`` on ``task``, from one pass."""
+    model.eval()
+    mask = None
+    if task_il:  # only the task's own classes compete
+        mask = torch.full((num_classes,), float("-inf"), device=device)
+        mask[task.classes] = 0
+    correct = torch.zeros(2, dtype=torch.int64)
+    for i in range(0, len(task.y), EVAL_CHUNK):
+        logits = model(task.inputs(slice(i, i + EVAL_CHUNK), device))
+        y = task.y[i:i + EVAL_CHUNK]
+        correct[0] += int((logits.argmax(1).cpu() == y).sum())
+        if mask is not None:
+            correct[1] += int(((logits + mask).argmax(1).cpu() == y).sum())
+    model.train()
+    n = max(1, len(task.y))
+    return float(correct[0]) / n, (float(correct[1]) / n if task_il else None)
+
+
+def chance_margin(chance: float, n: int) -> float:
+    """How far above chance a task's accuracy must be to count as learnt: three standard errors of a guesser
+    on ``n`` test samples, and at least two points."""
+    return max(0.02, 3 * math.sqrt(chance * (1 - chance) / max(1, n)))
+
+
+def _check_finite(model: nn.Module, losses: Tensor, strategy: "Strategy") -> None:
+    """After an epoch (one host sync): the first non-finite loss of ``losses``, else a non-finite parameter."""
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad):
+        strategy.step -= len(losses) - int(bad[0]) - 1  # the failure names the step that went non-finite
+        raise Diverged(f"the loss is {float(losses[int(bad[0])])} (training diverged: lower --lr or the method's "
+                       "strength)")
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise Diverged(f"parameter {name} is not finite (training diverged: lower --lr or the method's strength)")
+
+
+def train(method: str, scenario: Scenario, args: argparse.Namespace, seed: int, progress=None) -> Dict:
+    """Trains ``method`` with ``seed``; returns the run's record (see the README's results.json schema) with the
+    plugins' reports under ``"_reports"``. A run that diverges, learns nothing of a task, or meets a method that
+    does not apply (a ValueError) raises RunFailed."""
+    device = torch.device(args.device)
+    torch.manual_seed(seed)
+    model = models.make_model(args.model, scenario.num_classes, scenario.input_shape).to(device)
+    strategy = Strategy(model=model, args=args, device=device,
+                        generator=torch.Generator(device=device).manual_seed(seed))
+    try:
+        return _train(method, scenario, args, seed, strategy, progress)
+    except (ValueError, FloatingPointError) as exc:
+        task = strategy.task_index + 1 if strategy.experience is not None else None
+        reason = str(exc) if isinstance(exc, Diverged) else f"{type(exc).__name__}: {exc}"
+        raise RunFailed(task, strategy.step, reason, len(scenario.train)) from exc
+
+
+def _train(method, scenario, args, seed, strategy, progress) -> Dict:
+    model, device = strategy.model, strategy.device
+    strategy.forward = model
+    plugins = methods.build(method, strategy, args)
+    options = {k: v for p in plugins for k, v in p.optimizer_options.items()}
+    strategy.optimizer = SGD(model.parameters(), lr=args.lr, momentum=args.momentum, **options)
+    order = torch.Generator().manual_seed(seed)
+    T, C = len(scenario.train), scenario.num_classes
+    evals = lambda: [evaluate(model, s, C, device, scenario.task_il) for s in scenario.test]  # noqa: E731
+    base = evals()  # the untrained model: forward transfer's baseline
+    acc, acc_til = np.zeros((T, T)), np.zeros((T, T))
+    curves: List[List[float]] = []  # per epoch (over the whole run): class-IL accuracy on every task
+    train_time = 0.0
+    for p in plugins:
+        p.before_training(strategy)
+    for t, task in enumerate(scenario.train):
+        strategy.experience, strategy.task_index = task, t
+        start = time.perf_counter()
+        for p in plugins:
+            p.before_training_exp(strategy)
+        for epoch in range(args.epochs):
+            strategy.epoch = epoch
+            batches = torch.randperm(len(task.y), generator=order).split(args.batch_size)
+            losses = torch.empty(len(batches), device=device)
+            for i, idx in enumerate(batches):
+                strategy.stream_x, strategy.stream_y = task.inputs(idx, device), task.y[idx].to(device)
+                strategy.mb_x, strategy.mb_y = strategy.stream_x, strategy.stream_y
+                for p in plugins:
+                    p.before_forward(strategy)
+                strategy.optimizer.zero_grad()
+                strategy.mb_output = strategy.forward(strategy.mb_x)
+                strategy.loss = F.cross_entropy(strategy.mb_output, strategy.mb_y)
+                for p in plugins:
+                    p.before_backward(strategy)
+                strategy.loss.backward()
+                for p in plugins:
+                    p.after_backward(strategy)
+                strategy.optimizer.step()
+                for p in plugins:
+                    p.after_update(strategy)
+                losses[i] = strategy.loss.detach()
+                strategy.step += 1
+                if progress is not None:
+                    progress.step()
+            _check_finite(model, losses, strategy)
+            if epoch == args.epochs - 1:  # consolidation, before the evaluation that closes the task
+                for p in plugins:
+                    p.after_training_exp(strategy)
+                _check_finite(model, losses[:0], strategy)
+            train_time += time.perf_counter() - start
+            result = evals()
+            start = time.perf_counter()
+            curves.append([r[0] for r in result])
+            if progress is not None:
+                progress.epoch(t, epoch, float(losses.mean()), result[t][1] if scenario.task_il else result[t][0])
+        acc[t] = [r[0] for r in result]
+        if scenario.task_il:
+            acc_til[t] = [r[1] for r in result]
+        learnt = acc_til[t, t] if scenario.task_il else acc[t, t]
+        chance = 1 / len(scenario.test[t].classes)
+        if learnt <= chance + chance_margin(chance, len(scenario.test[t].y)):
+            raise Diverged(f"accuracy {100 * learnt:.1f}% on the task just trained is at chance "
+                           f"({100 * chance:.1f}%): it learnt nothing")
+    record = {
+        "seed": seed, "status": "ok", "error": None,
+        **metrics.summary(acc, base=[r[0] for r in base]),
+        "acc_matrix": acc.tolist(), "baseline": [r[0] for r in base], "curves": curves,
+        "wall_time_s": train_time, "steps": strategy.step,
+        "steps_per_s": strategy.step / train_time if train_time else 0.0,
+    }
+    if scenario.task_il:
+        til = metrics.summary(acc_til, base=[r[1] for r in base])
+        record.update({f"{k}_task_il": v for k, v in til.items()}, acc_matrix_task_il=acc_til.tolist(),
+                      baseline_task_il=[r[1] for r in base])
+    record["_reports"] = strategy.reports
+    return record
