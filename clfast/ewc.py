@@ -85,6 +85,11 @@ class EWC:
                                                                                 self._anchors)]
 
     # -- penalty -----------------------------------------------------------------------------------------------
+    @property
+    def coefficients(self) -> List[float]:
+        """``c_t`` of each stored Fisher: 1 in separate mode, ``gamma`` to the power of its age online."""
+        return list(self._coef)
+
     def penalty(self) -> Tensor:
         """``sum_t c_t (theta - theta_t)^T F_t (theta - theta_t)``, a 0-dim tensor differentiable in the params
         (0 before the first :meth:`consolidate`)."""

@@ -88,7 +88,7 @@ def test_the_release_formulas_are_what_continuum_computes():
         R = _matrix(T, seed)
         p, y, t = _predictions(R)
         bwt = sum(R[i, j] - R[j, j] for i in range(1, T) for j in range(i - 1)) / (T * (T - 1) / 2)
-        forget = sum(max(R[l, j] for l in range(j, T - 2)) - R[-1, j] for j in range(T - 2)) / (T - 1)
+        forget = sum(max(R[k, j] for k in range(j, T - 2)) - R[-1, j] for j in range(T - 2)) / (T - 1)
         assert cm.backward_transfer(p, y, t) == pytest.approx(bwt)
         assert cm.forgetting(p, y, t) == pytest.approx(forget)
 

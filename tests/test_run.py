@@ -143,7 +143,8 @@ def test_reference_backend_gives_the_same_accuracies(tmp_path, fake_fmnist):  # 
     native, _ = _run(tmp_path, fake_fmnist, "--methods", "replay,ewc,si,cbp", name="n")
     ref, _ = _run(tmp_path, fake_fmnist, "--methods", "replay,ewc,si,cbp", "--backend", "reference", name="r")
     for name in native["methods"]:
-        for x, y in zip(native["methods"][name]["runs"][0]["acc_matrix"], ref["methods"][name]["runs"][0]["acc_matrix"]):
+        a, b = (doc["methods"][name]["runs"][0]["acc_matrix"] for doc in (native, ref))
+        for x, y in zip(a, b):
             assert x == pytest.approx(y, abs=0.03)
 
 
@@ -165,26 +166,37 @@ def test_several_seeds_give_mean_and_std(tmp_path, fake_fmnist):  # noqa: F811
 
 
 def test_figures_are_drawn_for_each_method_with_bands(tmp_path, fake_fmnist, monkeypatch):  # noqa: F811
-    from clfast.experiments import plots
+    import matplotlib
 
-    bands = []
-    real = plots._average
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PolyCollection
 
-    def spy(plt, out, methods):
-        path = real(plt, out, methods)
-        bands.append([len(c.get_paths()) for c in plt.gcf().axes[0].collections] if plt.get_fignums() else None)
-        return path
+    saved = {}
+    real = plt.Figure.savefig
 
+    def keep(fig, path, *a, **k):
+        saved[os.path.basename(str(path))] = fig
+        return real(fig, path, *a, **k)
+
+    monkeypatch.setattr(plt.Figure, "savefig", keep)
     out = tmp_path / "plots"
     assert cli.main(["--data-dir", str(fake_fmnist), "--out", str(out), *QUICK[:-1], "--methods", "finetune,ewc",
                      "--seeds", "0,1"]) == 0
     for png in ("acc_matrix_finetune.png", "acc_matrix_ewc.png", "average_accuracy.png", "task_accuracy.png",
                 "fisher_ewc.png"):
         assert (out / png).stat().st_size > 5000, png
+    for ax in saved["average_accuracy.png"].axes:  # a std band per method, class-IL and task-IL
+        assert len([c for c in ax.collections if isinstance(c, PolyCollection)]) == 2
+        assert ax.get_xlabel() == "tasks trained" and ax.get_ylabel()
+    heat = saved["acc_matrix_ewc.png"].axes[0]
+    assert heat.get_xlabel() == "evaluated on task" and len(heat.texts) == 25  # every cell annotated
     from PIL import Image
 
     width, height = Image.open(out / "task_accuracy.png").size
     assert width <= 2200 and height >= 400  # readable panels, not a 2304x360 strip
+    boundaries = [line for line in saved["task_accuracy.png"].axes[0].lines if line.get_linestyle() == "--"]
+    assert len(boundaries) == 4
 
 
 def test_the_fisher_figure_has_labelled_axes_on_a_log_scale(tmp_path):
@@ -295,18 +307,25 @@ def test_missing_data_is_a_clear_error(tmp_path, capsys):
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
 
 
-def test_a_diverging_method_is_failed_with_its_task_and_step(tmp_path, fake_fmnist, capsys):  # noqa: F811
-    doc, out = _run(tmp_path, fake_fmnist, "--methods", "finetune,si", "--si-strength", "1e12", code=1)
-    assert doc["methods"]["finetune"]["status"] == "ok"
+def test_a_failed_method_is_never_a_result_and_the_others_still_run(tmp_path, fake_fmnist, capsys):  # noqa: F811
+    doc, out = _run(tmp_path, fake_fmnist, "--methods", "si,finetune", "--si-strength", "1e12", "--stiffness",
+                    "fail", code=1)
+    assert doc["methods"]["finetune"]["status"] == "ok" and doc["complete"] is True
     si = doc["methods"]["si"]
-    assert si["status"] == "failed" and si["average_accuracy"] is None
+    assert si["status"] == "failed" and si["average_accuracy"] is None and si["error"].startswith("seed 0: task 1/5")
     (run,) = si["runs"]
     assert run["status"] == "failed" and "acc_matrix" not in run and "average_accuracy" not in run
-    assert run["failed_at"]["task"] >= 1 and run["failed_at"]["step"] >= 1
-    assert f"task {run['failed_at']['task']}/5, step {run['failed_at']['step']}" in run["error"]
-    assert "failed:" in capsys.readouterr().out
-    assert "si" in (out / "summary.txt").read_text().splitlines()[-1]
+    assert run["failed_at"]["task"] == 1 and run["failed_at"]["step"] > 0  # at the first consolidation
+    assert f"si             seed 0: failed: task 1/5, step {run['failed_at']['step']}" in capsys.readouterr().out
+    assert (out / "summary.txt").read_text().splitlines()[2].startswith("si              failed: seed 0")
     assert not list(out.glob("si_*.csv"))
+
+
+def test_a_diverging_run_is_failed_at_the_step_it_went_non_finite(tmp_path, fake_fmnist):  # noqa: F811
+    doc, _ = _run(tmp_path, fake_fmnist, "--methods", "finetune", "--lr", "1e4", code=1)
+    run = doc["methods"]["finetune"]["runs"][0]
+    assert "the loss is" in run["error"] and run["failed_at"]["task"] == 1
+    assert f"task 1/5, step {run['failed_at']['step']}: the loss is" in run["error"]
 
 
 def test_a_non_finite_loss_names_the_step_it_went_non_finite():
@@ -365,8 +384,7 @@ def _wait_for(path, test, proc, timeout=120):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupt_keeps_finished_runs_and_resume_completes_them(tmp_path, fake_fmnist, sig):  # noqa: F811
-    flags = ["--data-dir", str(fake_fmnist), *QUICK, "--epochs", "6", "--methods", "finetune,si,replay",
-             "--seeds", "0,1"]
+    flags = ["--data-dir", str(fake_fmnist), *QUICK, "--epochs", "2", "--methods", "finetune,si", "--seeds", "0,1"]
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "clfast", "--out", str(out), *flags], env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -380,14 +398,14 @@ def test_an_interrupt_keeps_finished_runs_and_resume_completes_them(tmp_path, fa
     doc = json.loads((out / "results.json").read_text())
     assert doc["complete"] is False and doc["interrupted_at"] and doc["finished_at"] is None
     finished = [(r["seed"], m) for m, e in doc["methods"].items() for r in e["runs"]]
-    assert 1 <= len(finished) < 6 and ((0, "finetune")) in finished
+    assert 1 <= len(finished) < 4 and (0, "finetune") in finished
     assert all(len(r["acc_matrix"]) == 5 for e in doc["methods"].values() for r in e["runs"])
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
     # resume finishes the rest; the result is the uninterrupted run's
     r = subprocess.run([sys.executable, "-m", "clfast", "--resume", str(out)], env=_env(), capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"resuming {6 - len(finished)} of 6 runs" in r.stdout
+    assert f"resuming {4 - len(finished)} of 4 runs" in r.stdout
     resumed = json.loads((out / "results.json").read_text())
     assert resumed["complete"] is True and len(resumed["resumed_at"]) == 1
     whole = tmp_path / "whole"
@@ -398,7 +416,7 @@ def test_an_interrupt_keeps_finished_runs_and_resume_completes_them(tmp_path, fa
     # nothing left to resume
     r = subprocess.run([sys.executable, "-m", "clfast", "--resume", str(out)], env=_env(), capture_output=True,
                        text=True)
-    assert r.returncode == 0 and "resuming 0 of 6 runs" in r.stdout
+    assert r.returncode == 0 and "resuming 0 of 4 runs" in r.stdout
 
 
 def test_progress_is_one_flushed_line_per_task_when_not_a_terminal(tmp_path, fake_fmnist):  # noqa: F811
@@ -454,7 +472,7 @@ def test_fellowship_without_files_names_them_and_leaves_nothing(tmp_path, capsys
     monkeypatch.chdir(tmp_path)
     assert cli.main(["--scenario", "fellowship", "--data-dir", str(tmp_path / "d"), "--out", str(tmp_path / "o")]) == 2
     assert "MNIST/raw/train-images-idx3-ubyte.gz" in capsys.readouterr().err
-    assert sorted(os.listdir(tmp_path)) == ["o"]
+    assert os.listdir(tmp_path) == []  # neither a data folder nor the output folder
 
 
 def test_dan_model_runs_and_matches_reference_backend(tmp_path, fake_fmnist):  # noqa: F811
@@ -471,3 +489,57 @@ def test_dan_model_refuses_fisher_methods_clearly(tmp_path, fake_fmnist, capsys)
     doc, _ = _run(tmp_path, fake_fmnist, "--model", "dan", "--methods", "finetune,ewc", code=1)
     assert "nngeometry's Fisher does not cover" in doc["methods"]["ewc"]["error"]
     assert "nngeometry's Fisher does not cover" in capsys.readouterr().out
+
+
+def test_largest_eigenvalue_of_summed_fishers_matches_the_dense_matrices():
+    from clfast import EWC
+    from clfast.experiments.methods.ewc import largest_eigenvalue
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    loaders = [torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(40, 12) + k,
+                                                                          torch.randint(0, 3, (40,))), batch_size=20)
+               for k in range(2)]
+    for representation in ("diag", "kfac", "dense", "blockdiag"):
+        ewc = EWC(model, representation, mode="online", gamma=0.5)
+        for loader in loaders:
+            ewc.consolidate(loader)
+        dense = sum(c * f.to_torch().double() for c, f in zip(ewc.coefficients, ewc.fishers))
+        if representation in ("kfac", "blockdiag"):  # per layer block: the largest over the blocks
+            sizes = [6 * 12 + 6, 3 * 6 + 3]
+            blocks, start = [], 0
+            for n in sizes:
+                blocks.append(dense[start:start + n, start:start + n])
+                start += n
+            expected = max(float(torch.linalg.eigvalsh(b)[-1]) for b in blocks)
+        else:
+            expected = float(torch.linalg.eigvalsh(dense)[-1])
+        assert ewc.coefficients == [0.5, 1.0]
+        assert largest_eigenvalue(ewc.fishers, ewc.coefficients) == pytest.approx(expected, rel=1e-4), representation
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--methods", "ewc", "--ewc-representation", "kfac", "--ewc-lambda", "1e6"], "EWC's penalty is too stiff"),
+    (["--methods", "si", "--si-strength", "1e6"], "SI's penalty is too stiff"),
+])
+def test_a_penalty_too_stiff_for_the_step_size_is_capped_or_fails(tmp_path, fake_fmnist, flags, message):  # noqa: F811
+    """Heavy-ball SGD diverges on a quadratic once lr x curvature >= 2 (1 + momentum): past that, the strength is
+    halved below the limit and the change recorded (--stiffness cap), or the run fails when it is consolidated,
+    naming a strength that would be stable (--stiffness fail)."""
+    doc, _ = _run(tmp_path, fake_fmnist, *flags, name="capped")
+    (run,) = next(iter(doc["methods"].values()))["runs"]
+    first = run["strength_changes"][0]
+    assert first["task"] == 1 and first["flag"] == flags[-2] and first["from"] == 1e6
+    assert first["to"] == pytest.approx(1e6 * first["limit"] / first["curvature"] / 2)
+    assert all(c["task"] < 5 for c in run["strength_changes"])  # none after the last task
+    doc, _ = _run(tmp_path, fake_fmnist, *flags, "--stiffness", "fail", code=1)
+    (run,) = next(iter(doc["methods"].values()))["runs"]
+    assert run["failed_at"]["task"] == 1 and message in run["error"]
+    flag = flags[-2]
+    stable = float(run["error"].split(f"{flag} below ")[1].split()[0])
+    assert 0 < stable < 1e6
+    doc = json.loads((tmp_path / "stable" / "results.json").read_text()) if cli.main(
+        ["--data-dir", str(fake_fmnist), "--out", str(tmp_path / "stable"), *QUICK, *flags[:-1], str(stable / 2)]) \
+        in (0, 1) else None
+    (run,) = next(iter(doc["methods"].values()))["runs"]
+    assert run["status"] == "ok" or run["failed_at"]["task"] > 1  # past the task whose bound it was

@@ -28,10 +28,13 @@ PRESETS = {
     # (and its EWC importance 1000, OCAR regul 1e-2)
     "seed": dict(model="basenet", lr=0.002, momentum=0.0, batch_size=256, epochs=5, ewc_lambda=1000.0,
                  si_strength=1.0, ocar_damping=1e-2),
-    # momentum SGD for one epoch per task; strengths that stay stable at this step size
+    # momentum SGD for one epoch per task; strengths that stay stable over the split scenario at this step size
+    # (--stiffness cap lowers them where a longer scenario makes them too stiff)
     "demo": dict(model="mlp", lr=0.01, momentum=0.9, batch_size=128, epochs=1, ewc_lambda=100.0, si_strength=0.5,
                  ocar_damping=0.1),
 }
+
+
 SEED_MAX = 2 ** 32 - 1  # continuum's permutations seed numpy's RandomState
 
 
@@ -62,6 +65,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--tasks", type=int, default=5, help="tasks of the split and permuted scenarios")
     p.add_argument("--buffer-size", type=int, default=1000, help="replay memory of replay and ocar (samples)")
+    p.add_argument("--stiffness", choices=("cap", "fail"), default="cap",
+                   help="when an EWC or SI penalty gets too stiff for SGD's step size (lr x curvature >= 2 (1 + "
+                        "momentum), where SGD diverges): halve its strength below that and record it, or fail the run")
     p.add_argument("--seed", type=int, default=None, help="one seed (default 0)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds: every method runs once per seed")
     p.add_argument("--out", default="out", help="output folder; must be empty (or see --overwrite)")
@@ -174,6 +180,7 @@ def _parse(argv: List[str]):
     p = parser()
     if "--resume" not in argv and not any(a.startswith("--resume=") for a in argv):
         args = parse_args(argv, p)
+        args.created_out = not os.path.exists(args.out)
         try:
             io.prepare(args.out, args.overwrite)
         except io.OutError as exc:
@@ -269,7 +276,7 @@ def _clock(seconds: float) -> str:
 
 
 def _config(args, scenario) -> Dict:
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "resume")}
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "resume", "created_out")}
     config.update(backend=ops.backend(), num_tasks=len(scenario.train), task_il=scenario.task_il,
                   classes_per_task=[t.classes for t in scenario.train],
                   cpu_capability=torch.backends.cpu.get_cpu_capability(), num_threads=torch.get_num_threads(),
@@ -314,6 +321,8 @@ def _experiment(args: argparse.Namespace, argv: List[str], doc: Optional[Dict]) 
                                                tasks=args.tasks, seed=seed, fraction=args.fraction)
                 except (FileNotFoundError, ValueError) as exc:
                     print(f"error: {exc}", file=sys.stderr)
+                    if getattr(args, "created_out", False) and not os.listdir(args.out):
+                        os.rmdir(args.out)  # nothing is left behind
                     return 2
                 built_for = key
                 doc["config"] = _config(args, scenario)
@@ -325,9 +334,9 @@ def _experiment(args: argparse.Namespace, argv: List[str], doc: Optional[Dict]) 
                 if (seed, method) not in todo:
                     continue
                 label = f"[{todo.index((seed, method)) + 1}/{len(todo)}] {method} seed {seed}"
+                progress.begin(label, steps, len(scenario.train), args.epochs)
                 try:
-                    record = loop.train(method, scenario, args, seed, progress.begin(label, steps, len(scenario.train),
-                                                                                      args.epochs))
+                    record = loop.train(method, scenario, args, seed, progress)
                 except loop.RunFailed as exc:
                     record = {"seed": seed, "status": "failed", "error": str(exc),
                               "failed_at": {"task": exc.task, "step": exc.step}}
@@ -346,10 +355,15 @@ def _experiment(args: argparse.Namespace, argv: List[str], doc: Optional[Dict]) 
             io.write_results(args.out, _with_methods(doc, runs, args.methods), scenario.task_il)
         io.clear_partial(args.out)
         why = "terminated" if isinstance(exc, _Terminated) else "interrupted"
-        print(f"\n{why}: the {done} finished run(s) of {len(args.seeds) * len(args.methods)} are saved in "
-              f"{os.path.abspath(args.out)}; continue with: python -m clfast --resume {args.out}", file=sys.stderr,
-              flush=True)
+        if scenario is None and not resumed:
+            print(f"\n{why} before any run started", file=sys.stderr, flush=True)
+        else:
+            print(f"\n{why}: the {done} finished run(s) of {len(args.seeds) * len(args.methods)} are saved in "
+                  f"{os.path.abspath(args.out)}; continue with: python -m clfast --resume {args.out}",
+                  file=sys.stderr, flush=True)
         return 130
+    scenario = None
+    _trim()  # the runs' freed memory goes back to the system before the figures are drawn
     doc = _with_methods(doc, runs, args.methods)
     doc["finished_at"], doc["complete"] = io.now(), True
     doc.pop("interrupted_at", None)
@@ -364,6 +378,17 @@ def _experiment(args: argparse.Namespace, argv: List[str], doc: Optional[Dict]) 
     if failed:
         print(f"failed: {', '.join(failed)} (see above; their numbers are not results)", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _trim() -> None:
+    """Returns the heap's free pages to the system (glibc's malloc_trim), so what is drawn next does not add to
+    the memory the finished runs left resident."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _with_methods(doc: Dict, runs: Dict[str, List[Dict]], order: List[str]) -> Dict:

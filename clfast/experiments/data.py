@@ -82,8 +82,9 @@ def _missing(dataset: str, data_dir: str) -> FileNotFoundError:
     hint = ("On Debian install it with `sudo apt-get install dataset-fashion-mnist`, or pass --data-dir / set "
             "CLFAST_DATA_DIR to a folder holding the four IDX files." if dataset == "fashion-mnist" else
             "Put them there (torchvision's and continuum's layout) and pass --data-dir; nothing is downloaded.")
-    return FileNotFoundError(f"{dataset} not found in {data_dir}: expected {', '.join(expected_files(dataset, data_dir))}"
-                             f" (the IDX files may also be uncompressed). {hint}")
+    expected = ", ".join(expected_files(dataset, data_dir))
+    return FileNotFoundError(f"{dataset} not found in {data_dir}: expected {expected} (the IDX files may also be "
+                             f"uncompressed). {hint}")
 
 
 def load(dataset: str, data_dir: Optional[str] = None) -> Arrays:

@@ -212,4 +212,3 @@ def clear_partial(out: str) -> None:
     for e in os.listdir(out):
         if e.startswith(".clfast-") and e.endswith(".tmp"):
             os.remove(os.path.join(out, e))
-

@@ -47,6 +47,7 @@ class Strategy:
     optimizer: Optional[torch.optim.Optimizer] = None
     experience: Optional[Task] = None
     task_index: int = 0
+    num_tasks: int = 0
     epoch: int = 0
     step: int = 0                 # steps taken in the run
     stream_x: Optional[Tensor] = None   # this step's batch from the stream
@@ -56,6 +57,7 @@ class Strategy:
     mb_output: Optional[Tensor] = None
     loss: Optional[Tensor] = None
     reports: Dict[str, object] = field(default_factory=dict)
+    strength_changes: List[Dict] = field(default_factory=list)  # penalties lowered to stay stable
 
     def report(self, key: str, value) -> None:
         """Keeps ``value`` for the figures (the EWC plugin reports its first Fisher)."""
@@ -119,6 +121,7 @@ def train(method: str, scenario: Scenario, args: argparse.Namespace, seed: int, 
 
 def _train(method, scenario, args, seed, strategy, progress) -> Dict:
     model, device = strategy.model, strategy.device
+    strategy.num_tasks = len(scenario.train)
     strategy.forward = model
     plugins = methods.build(method, strategy, args)
     options = {k: v for p in plugins for k, v in p.optimizer_options.items()}
@@ -184,7 +187,7 @@ def _train(method, scenario, args, seed, strategy, progress) -> Dict:
         "seed": seed, "status": "ok", "error": None,
         **metrics.summary(acc, base=[r[0] for r in base]),
         "acc_matrix": acc.tolist(), "baseline": [r[0] for r in base], "curves": curves,
-        "wall_time_s": train_time, "steps": strategy.step,
+        "strength_changes": strategy.strength_changes, "wall_time_s": train_time, "steps": strategy.step,
         "steps_per_s": strategy.step / train_time if train_time else 0.0,
     }
     if scenario.task_il:

@@ -151,12 +151,15 @@ def fisher(out: str, name: str, seed: int, fisher) -> str:
     fig, axes = plt.subplots(1, len(images), figsize=(4.6 * len(images), 4.0), squeeze=False,
                              constrained_layout=True)
     for ax, (title, img, xlabel, ylabel) in zip(axes[0], images):
-        mag = np.abs(img)
+        mag, k = _pool(np.abs(img))
+        if k > 1:
+            title += f" (max over {k}x{k} blocks)"
         positive = mag[mag > 0]
         top = positive.max() if positive.size else 1.0
         low = max(positive.min() if positive.size else top * 1e-8, top * 1e-8)
+        extent = (-0.5, img.shape[1] - 0.5, img.shape[0] - 0.5, -0.5)  # axes in the matrix's own indices
         im = ax.imshow(np.where(mag > 0, mag, low), cmap="magma", aspect="auto", interpolation="nearest",
-                       norm=LogNorm(vmin=low, vmax=top))
+                       norm=LogNorm(vmin=low, vmax=top), extent=extent)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
@@ -166,6 +169,17 @@ def fisher(out: str, name: str, seed: int, fisher) -> str:
     fig.savefig(os.path.join(out, path), dpi=DPI)
     plt.close(fig)
     return path
+
+
+def _pool(mag: np.ndarray, size: int = 256):
+    """``mag`` max-pooled to at most ``size`` rows and columns (a figure shows no more), and the block side."""
+    k = max(1, -(-max(mag.shape) // size))
+    if k == 1:
+        return mag, 1
+    rows, cols = -(-mag.shape[0] // k) * k, -(-mag.shape[1] // k) * k
+    padded = np.zeros((rows, cols), dtype=mag.dtype)
+    padded[:mag.shape[0], :mag.shape[1]] = mag
+    return padded.reshape(rows // k, k, cols // k, k).max(axis=(1, 3)), k
 
 
 def _fisher_images(fisher):

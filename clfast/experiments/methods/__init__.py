@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import sys
 from typing import Dict, List, Optional, Type
 
 
@@ -44,6 +45,31 @@ class Plugin:
     def after_backward(self, strategy) -> None: ...
     def after_update(self, strategy) -> None: ...
     def after_training_exp(self, strategy) -> None: ...
+
+
+def stable_strength(strategy, curvature: float, what: str, flag: str, value: float) -> float:
+    """The strength a quadratic penalty keeps after a consolidation that left its largest curvature at
+    ``curvature`` (with strength ``value``, set by ``flag``).
+
+    Heavy-ball SGD on a quadratic of curvature h diverges once ``lr * h >= 2 (1 + momentum)``, and the loss only
+    adds curvature, so past that limit the next task would go non-finite. Then ``--stiffness cap`` (the default)
+    halves the strength below the limit's and records the change in the run; ``--stiffness fail`` fails the run,
+    naming the strength that would be stable."""
+    lr, momentum = strategy.args.lr, strategy.args.momentum
+    limit = 2 * (1 + momentum) / lr
+    if curvature < limit or strategy.task_index >= strategy.num_tasks - 1:  # no step follows the last task
+        return value
+    stable = value * limit / curvature
+    why = (f"{what} is too stiff for SGD at lr {lr}, momentum {momentum}: its largest curvature {curvature:.4g} is "
+           f"past 2 (1 + momentum) / lr = {limit:.4g}, where SGD diverges")
+    if strategy.args.stiffness == "fail":
+        raise FloatingPointError(f"{why}; {flag} below {stable:.3g} is stable up to this task")
+    new = stable / 2
+    strategy.strength_changes.append({"task": strategy.task_index + 1, "flag": flag, "from": value, "to": new,
+                                      "curvature": curvature, "limit": limit})
+    print(f"  {why}: {flag} {value:.4g} -> {new:.4g} from task {strategy.task_index + 2} on", file=sys.stderr,
+          flush=True)
+    return new
 
 
 def registry() -> Dict[str, Type[Plugin]]:

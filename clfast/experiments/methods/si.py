@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ...si import SI
-from . import Plugin
+from . import Plugin, stable_strength
 
 
 class SIPlugin(Plugin):
@@ -34,3 +34,6 @@ class SIPlugin(Plugin):
 
     def after_training_exp(self, strategy) -> None:
         self.si.consolidate()
+        top = max(float(omega.max()) for omega in self.si.importance)  # strength * sum Omega (theta - theta')^2
+        self.si.strength = stable_strength(strategy, 2 * self.si.strength * top, "SI's penalty", "--si-strength",
+                                           self.si.strength)
