@@ -97,9 +97,11 @@ def _check_finite(model: nn.Module, losses: Tensor, strategy: "Strategy") -> Non
         strategy.step -= len(losses) - int(bad[0]) - 1  # the failure names the step that went non-finite
         raise Diverged(f"the loss is {float(losses[int(bad[0])])} (training diverged: lower --lr or the method's "
                        "strength)")
-    for name, p in model.named_parameters():
-        if not bool(torch.isfinite(p).all()):
-            raise Diverged(f"parameter {name} is not finite (training diverged: lower --lr or the method's strength)")
+    named = list(model.named_parameters())
+    finite = torch.stack([torch.isfinite(p).all() for _, p in named]).tolist()  # one host sync for all of them
+    if not all(finite):
+        name = named[finite.index(False)][0]
+        raise Diverged(f"parameter {name} is not finite (training diverged: lower --lr or the method's strength)")
 
 
 def train(method: str, scenario: Scenario, args: argparse.Namespace, seed: int, progress=None) -> Dict:
