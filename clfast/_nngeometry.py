@@ -56,6 +56,34 @@ def fim(model: nn.Module, loader, representation, variant: str, device, layer_co
                layer_collection=layer_collection)
 
 
+def empirical_fisher(layers: "Layers", loader, representation: str, loss_fn, device):
+    """The Fisher of Avalanche's ``EWCPlugin``: over the minibatches of ``loader``, the mean of the squared
+    gradient of the minibatch loss ``loss_fn(model(x), y)`` (``"diag"``), or of its outer product (``"dense"``), as
+    an nngeometry object. The parameters' ``.grad`` is left alone."""
+    params = layers.parameters()
+    total, batches = None, 0
+    for batch in loader:
+        x, y = batch[0].to(device), batch[1].to(device)
+        grads = torch.autograd.grad(loss_fn(layers.model(x), y), params, allow_unused=True)
+        g = torch.cat([(gr if gr is not None else torch.zeros_like(p)).reshape(-1) for gr, p in zip(grads, params)])
+        if representation == "diag":
+            total = g * g if total is None else total.add_(g * g)
+        else:
+            total = torch.outer(g, g) if total is None else total.addr_(g, g)
+        batches += 1
+    if not batches:
+        raise ValueError("the empirical Fisher needs at least one batch; the loader is empty")
+    return pmat_classes()[representation](generator=generator(layers), data=total / batches)
+
+
+def generator(layers: "Layers"):
+    """The nngeometry generator an nngeometry matrix of ``layers`` is built with."""
+    from nngeometry.backend import TorchHooksJacobianBackend
+
+    return TorchHooksJacobianBackend(layer_collection=layers.collection, model=layers.model,
+                                     function=lambda *d: layers.model(d[0]))
+
+
 class Layers:
     """nngeometry's layer collection of ``model`` and the module behind each layer id.
 

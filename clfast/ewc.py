@@ -1,6 +1,7 @@
 """Elastic Weight Consolidation (Kirkpatrick et al., 2017) on nngeometry Fisher objects.
 
-The Fisher of each task is computed by nngeometry's ``FIM`` (any representation); the penalty
+The Fisher of each task is computed by nngeometry's ``FIM`` (any representation), or from squared minibatch
+gradients as Avalanche's ``EWCPlugin`` does (``variant="empirical"``); the penalty
 ``sum_t c_t (theta - theta_t)^T F_t (theta - theta_t)`` runs on fused ops: the diagonal one on SI's weighted
 squared distance (``si_penalty`` / ``si_penalty_grad_``), KFAC blocks and dense Fishers on ``kron_quadratic``
 (``<G V A, V>`` per block, keeping ``G V A`` for the backward) and ``kron_mv``. Block-diagonal and EKFAC Fishers use nngeometry's
@@ -13,9 +14,13 @@ from typing import Dict, Iterable, List, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ._nngeometry import REPRESENTATIONS, Layers, fim, pmat_classes, representation_name
+import torch.nn.functional as F
+
+from ._nngeometry import REPRESENTATIONS, Layers, empirical_fisher, fim, generator, pmat_classes, representation_name
 
 __all__ = ["EWC"]
+
+VARIANTS = ("classif_logits", "classif_binary_logits", "regression", "empirical")
 
 
 class EWC:
@@ -28,7 +33,10 @@ class EWC:
         mode: ``"separate"`` keeps one (Fisher, parameters) pair per task; ``"online"`` keeps the decayed running
             Fisher ``gamma * F_old + F_new`` anchored at the latest parameters.
         gamma: decay of online mode.
-        variant: nngeometry's FIM variant (``"classif_logits"``, ``"classif_binary_logits"``, ``"regression"``).
+        variant: nngeometry's FIM variant (``"classif_logits"``, ``"classif_binary_logits"``, ``"regression"``),
+            or ``"empirical"``: the mean over the loader's minibatches of the squared minibatch-loss gradient, which
+            is the Fisher of Avalanche's ``EWCPlugin`` (``"diag"`` or ``"dense"``, the outer product).
+        loss_fn: the minibatch loss of the empirical Fisher, ``loss_fn(model(x), y)``.
         layer_collection: nngeometry ``LayerCollection`` restricting the parameters (default: the whole model).
         device: where Fishers are computed (default: the model's device).
 
@@ -42,13 +50,19 @@ class EWC:
 
     def __init__(self, model: nn.Module, representation: Union[str, type] = "diag", mode: str = "separate",
                  gamma: float = 1.0, variant: str = "classif_logits", layer_collection=None,
-                 device: Optional[Union[str, torch.device]] = None) -> None:
+                 device: Optional[Union[str, torch.device]] = None, loss_fn=F.cross_entropy) -> None:
         self.representation = representation_name(representation)
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if variant == "empirical" and self.representation not in ("diag", "dense"):
+            raise ValueError("variant='empirical' squares minibatch gradients: use representation 'diag' or "
+                             f"'dense', not {self.representation!r}")
         if mode not in ("separate", "online"):
             raise ValueError(f"mode must be 'separate' or 'online', got {mode!r}")
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {gamma}")
         self.model, self.mode, self.gamma, self.variant = model, mode, float(gamma), variant
+        self.loss_fn = loss_fn
         self.layers = Layers(model, layer_collection, "EWC" if self.representation not in ("kfac", "ekfac")
                              else f"EWC({self.representation!r})", kronecker=self.representation in ("kfac", "ekfac"))
         self.layer_collection = self.layers.collection
@@ -71,7 +85,10 @@ class EWC:
         was_training = self.model.training
         self.model.eval()  # nngeometry needs BatchNorm in eval mode; dropout off is right for a Fisher too
         try:
-            fisher = fim(self.model, loader, rep, self.variant, self.device, self.layers.collection)
+            if self.variant == "empirical":
+                fisher = empirical_fisher(self.layers, loader, self.representation, self.loss_fn, self.device)
+            else:
+                fisher = fim(self.model, loader, rep, self.variant, self.device, self.layers.collection)
         finally:
             self.model.train(was_training)
         anchor = [p.detach().clone() for p in self.parameters()]
@@ -129,8 +146,6 @@ class EWC:
 
     def load_state_dict(self, state: Dict) -> None:
         """Load :meth:`state_dict` output of an EWC on the same architecture (checked before anything changes)."""
-        from nngeometry.backend import TorchHooksJacobianBackend
-
         if state["representation"] != self.representation:
             raise ValueError(f"EWC.load_state_dict: state holds {state['representation']!r} Fishers, this EWC uses "
                              f"{self.representation!r}")
@@ -139,9 +154,7 @@ class EWC:
             if [tuple(t.shape) for t in anchor] != shapes:
                 raise ValueError("EWC.load_state_dict: the anchors' shapes do not match this model's parameters")
         rep = pmat_classes()[self.representation]
-        generator = TorchHooksJacobianBackend(layer_collection=self.layers.collection, model=self.model,
-                                              function=lambda *d: self.model(d[0]))
-        self.fishers = [rep(generator=generator, data=d) for d in state["fishers"]]
+        self.fishers = [rep(generator=generator(self.layers), data=d) for d in state["fishers"]]
         self._coef = [float(c) for c in state["coef"]]
         self._anchors = [[t.to(self.device) for t in a] for a in state["anchors"]]
         self.mode, self.gamma = state["mode"], float(state["gamma"])

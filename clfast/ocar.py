@@ -122,21 +122,24 @@ class OCAR:
         self.end_step(x, y)
         return loss.detach()
 
-    def end_step(self, x: Tensor, y: Tensor) -> None:
-        """After the optimizer step: the current batch joins the buffer; the factor refresh clock ticks."""
-        self.buffer.add(x, y)
+    def end_step(self, x: Tensor, y: Tensor, *extras: Tensor) -> None:
+        """After the optimizer step: the current batch (with any extra fields the buffer stores, such as task
+        labels) joins the buffer; the factor refresh clock ticks."""
+        self.buffer.add(x, y, *extras)
         self.steps += 1
 
-    def replay(self, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
-        """The batch with as many buffer items appended (the batch alone while the buffer is empty)."""
+    def replay(self, x: Tensor, y: Tensor, *extras: Tensor) -> Tuple[Tensor, ...]:
+        """The batch with as many buffer items appended (the batch alone while the buffer is empty), one tensor
+        per field: ``x``, ``y`` and the extras."""
+        fields = (x, y, *extras)
         if not len(self.buffer):
-            return x, y
+            return fields
         stored = self.buffer.storage
-        if x.shape[1:] != stored[0].shape[1:] or (y.shape[1:] != stored[1].shape[1:] if len(stored) > 1 else False):
-            raise ValueError(f"OCAR: a batch of items {list(x.shape[1:])} cannot be replayed with the buffer's "
-                             f"{list(stored[0].shape[1:])}")
-        xb, yb = self.buffer.sample(x.shape[0])[:2]
-        return torch.cat([x, xb.to(x.device)]), torch.cat([y, yb.to(y.device)])
+        if len(stored) != len(fields) or any(f.shape[1:] != s.shape[1:] for f, s in zip(fields, stored)):
+            raise ValueError(f"OCAR: a batch of items {[list(f.shape[1:]) for f in fields]} cannot be replayed with "
+                             f"the buffer's {[list(s.shape[1:]) for s in stored]}")
+        drawn = self.buffer.sample(x.shape[0])
+        return tuple(torch.cat([f, b.to(f.device)]) for f, b in zip(fields, drawn))
 
     def forward(self, xs: Tensor) -> Tensor:
         """``model(xs)``; in ema mode also updates the running Kronecker factors from this forward."""
@@ -145,8 +148,19 @@ class OCAR:
             self._update_factors(out)
         return out
 
-    def _model_forward(self, xs: Tensor) -> Tensor:
+    def record_forward(self) -> None:
+        """For a training loop that calls the model itself: the model's next forward is recorded, and
+        :meth:`recorded` must follow it (ema mode; nothing happens in exact mode)."""
         self._collecting = self.fisher == "ema"
+
+    def recorded(self, out: Tensor) -> None:
+        """After the forward that :meth:`record_forward` announced, with its output: updates the running factors."""
+        if self._collecting:
+            self._collecting = False
+            self._update_factors(out)
+
+    def _model_forward(self, xs: Tensor) -> Tensor:
+        self.record_forward()
         try:
             return self.model(xs)
         finally:

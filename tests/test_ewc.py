@@ -171,3 +171,43 @@ def test_confident_model_gets_a_finite_fisher(backend):
     ewc = clfast.EWC(model, "diag")
     ewc.consolidate(loader)
     assert bool(torch.isfinite(ewc.fishers[0].data).all()) and float(ewc.fishers[0].data.sum()) > 0
+
+
+@needs_nngeometry
+@pytest.mark.parametrize("rep", ["diag", "dense"])
+def test_empirical_fisher_is_squared_minibatch_gradients(backend, rep):
+    model = _model("mlp")
+    _perturb(model, 3)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    loader = _loader(4)
+    ewc = clfast.EWC(model, rep, variant="empirical")
+    ewc.consolidate(loader)
+    grads = []
+    for x, y, _ in loader:  # autograd per minibatch, with the model's own .grad
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone())
+    g = torch.stack(grads)
+    expected = (g * g).mean(0) if rep == "diag" else g.t() @ g / len(grads)
+    torch.testing.assert_close(ewc.fishers[0].data, expected, rtol=1e-5, atol=1e-9)
+    assert float(ewc.fishers[0].data.abs().sum()) > 0
+    _perturb(model, 5)
+    assert float(ewc.penalty().detach()) > 0
+
+
+@needs_nngeometry
+def test_empirical_fisher_leaves_grads_and_refuses_what_it_cannot_be(backend):
+    model = _model("mlp")
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    ewc = clfast.EWC(model, "diag", variant="empirical")
+    ewc.consolidate(_loader(0))
+    assert all(bool((p.grad == 7).all()) for p in model.parameters())
+    with pytest.raises(ValueError, match="empty"):
+        ewc.consolidate([])
+    for rep in ("kfac", "blockdiag", "ekfac"):
+        with pytest.raises(ValueError, match="variant='empirical'"):
+            clfast.EWC(model, rep, variant="empirical")
+    with pytest.raises(ValueError, match="variant must be one of"):
+        clfast.EWC(model, "diag", variant="true")
