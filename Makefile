@@ -12,7 +12,7 @@ ROOT := $(shell [ "$$(id -u)" = 0 ] && echo yes)
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 export MAX_JOBS
 
-.PHONY: run test bench env build cuemu sanitize cuda-resources data clean
+.PHONY: run test bench env build cuemu sanitize cuda-resources wheel-check data clean
 
 run: build data
 	$(PY) -m clfast --data-dir $(DATA_DIR) --out out --overwrite
@@ -53,6 +53,11 @@ cuemu: env
 SANITIZE_TESTS ?= tests/test_ops.py tests/test_cuemu.py -k "not every_cuda_kernel"
 sanitize: build
 	PY=$(PY) tests/cuemu/sanitize.sh thread address -- $(SANITIZE_TESTS)
+
+# The wheel built from this checkout, installed with its extras into a fresh virtual environment and checked from
+# outside the checkout (tests/wheel_check.sh).
+wheel-check: build data
+	tests/wheel_check.sh $(PY) $(DATA_DIR)
 
 # The CUDA kernels' registers, stack, spills and shared memory for sm_80/86/90 against
 # benchmarks/results/cuda-resources.txt (needs nvcc; fails on a spill or a larger stack).

@@ -50,6 +50,22 @@ def _with_cuda() -> bool:
     return CUDA_HOME is not None and torch.cuda.is_available()
 
 
+# The torch releases the code supports (requirements.txt pins the one the tests run with).
+TORCH_SUPPORTED = ((2, 13), (2, 15))
+
+
+def _torch_requirement() -> str:
+    """The extension is compiled against the torch installed at build time and loads only with that release (with
+    another one clfast falls back to its reference ops), so a build requires that release; a torch outside the
+    supported range gets the supported range."""
+    import torch
+
+    (lo, hi), built = TORCH_SUPPORTED, tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    if lo <= built < hi:
+        return f"torch>={built[0]}.{built[1]},<{built[0]}.{built[1] + 1}"
+    return f"torch>={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]}"
+
+
 def _extension():
     rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
     # csrc/ops.cpp (the schemas) and, per op family, csrc/<family>/*.cpp (front, CPU launchers) and *.cu (CUDA).
@@ -74,12 +90,23 @@ def _extension():
     )
 
 
+with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+    README = f.read()
+
 setup(
     name="clfast",
     version=VERSION["__version__"],
     description="Fused C++/CUDA kernels for continual learning (SI, EWC, replay, CBP, DAN) on PyTorch",
+    long_description=README,
+    long_description_content_type="text/markdown",
     packages=find_packages(include=["clfast", "clfast.*"]),
     python_requires=">=3.10",
+    install_requires=[_torch_requirement(), "nngeometry>=0.4,<0.5"],
+    extras_require={
+        "avalanche": ["avalanche-lib>=0.6,<0.7"],
+        "experiments": ["continuum>=1.2.7,<1.3", "six", "numpy", "matplotlib"],  # continuum imports six undeclared
+    },
+    entry_points={"console_scripts": ["clfast = clfast.experiments.cli:main"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,
