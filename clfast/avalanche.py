@@ -175,8 +175,6 @@ class EWCPlugin(SupervisedPlugin):
                  keep_importance_data: bool = False, *, representation: str = "diag",
                  variant: str = "classif_logits", fisher_samples: Optional[int] = None) -> None:
         super().__init__()
-        if mode not in ("separate", "online"):
-            raise ValueError(f"mode must be 'separate' or 'online', got {mode!r}")
         if (decay_factor is None) == (mode == "online"):
             raise ValueError("decay_factor is required with mode='online' and only allowed with it")
         if not float(ewc_lambda) >= 0:
@@ -187,7 +185,7 @@ class EWCPlugin(SupervisedPlugin):
         self.keep_importance_data = keep_importance_data
         self.representation, self.variant, self.fisher_samples = representation, variant, fisher_samples
         self.ewc: Optional[EWC] = None
-        # checked now rather than at the first experience's end
+        # mode, representation and variant are checked now (by EWC itself) rather than at the first experience's end
         EWC(torch.nn.Linear(1, 1), representation, mode=mode, gamma=1.0 if decay_factor is None else decay_factor,
             variant=variant)
 

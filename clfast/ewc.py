@@ -12,9 +12,8 @@ from __future__ import annotations
 from typing import Dict, Iterable, List, Optional, Union
 
 import torch
-from torch import Tensor, nn
-
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 from ._nngeometry import REPRESENTATIONS, Layers, empirical_fisher, fim, generator, pmat_classes, representation_name
 
