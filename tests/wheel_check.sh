@@ -8,6 +8,8 @@ set -euo pipefail
 PY=${1:?usage: wheel_check.sh PYTHON DATA_DIR}
 DATA_DIR=${2:?usage: wheel_check.sh PYTHON DATA_DIR}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# The checkout on PYTHONPATH (as make sets it) would make pip see its build's clfast.egg-info as installed.
+unset PYTHONPATH
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
@@ -21,7 +23,7 @@ V="$WORK/venv/bin"
   >"$WORK/pip.log" 2>&1 || { grep -v "^WARNING: Location" "$WORK/pip.log" | tail -40; exit 1; }
 
 cd "$WORK"  # nothing of the checkout on sys.path
-env -u PYTHONPATH "$V/python" - "$WORK/venv" <<'PYEOF'
+"$V/python" - "$WORK/venv" <<'PYEOF'
 import importlib, os, pkgutil, sys
 import clfast
 assert clfast.__file__.startswith(sys.argv[1]), f"clfast imported from {clfast.__file__}, not the installed wheel"
@@ -31,13 +33,13 @@ for name in modules:
     importlib.import_module(name)
 print(f"imported {len(modules)} modules from {os.path.dirname(clfast.__file__)}, backend {clfast.backend()}")
 PYEOF
-env -u PYTHONPATH "$V/clfast" --help >/dev/null
-env -u PYTHONPATH "$V/clfast" --data-dir "$DATA_DIR" --methods finetune,si --fraction 0.1 --epochs 2 --batch-size 32 \
+"$V/clfast" --help >/dev/null
+"$V/clfast" --data-dir "$DATA_DIR" --methods finetune,si --fraction 0.1 --epochs 2 --batch-size 32 \
   --no-plots \
   --out "$WORK/out" >"$WORK/run.log" 2>&1 || { tail -40 "$WORK/run.log"; exit 1; }
 test -s "$WORK/out/results.json"
 echo "clfast console script: $(tail -1 "$WORK/run.log")"
-env -u PYTHONPATH "$V/python" - "$ROOT/README.md" <<'PYEOF'
+"$V/python" - "$ROOT/README.md" <<'PYEOF'
 import re, sys
 blocks = re.findall(r"```python\n(.*?)```", open(sys.argv[1]).read(), re.S)
 for block in blocks:
