@@ -1,6 +1,6 @@
-"""Reservoir buffer, 10k slots of 28x28 float images + labels, batches of 256: the seed's list-based
-DataBuffer (``update_buffer(list(zip(x, y)))``, ``sample(256)``) vs clfast.ReservoirBuffer. On CUDA the seed's
-path also moves the batch to the host and the sample back, as the notebook does."""
+"""Reservoir buffer, 10k slots of 28x28 float images + labels, batches of 256: the list-based
+DataBuffer (``update_buffer(list(zip(x, y)))``, ``sample(256)``) vs clfast.ReservoirBuffer. On CUDA the
+list-based path also moves the batch to the host and the sample back."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""DAN: the seed notebook's DAN (a Python loop of nn.Sequential neurons) vs clfast.nn.DAN (one fused op per
+"""DAN: the per-neuron DAN implementation (a Python loop of nn.Sequential neurons) vs clfast.nn.DAN (one fused op per
 layer), forward+backward and a full Adam step, at batch 64 and 1024, plus a wide layer (32 neurons, ni=256,
 nf=64). ``bmm`` is clfast on its pure-torch reference (the layer written with batched torch ops); on CUDA,
 ``bmm_compiled`` is that version under torch.compile. ``native+fused_adam`` steps with clfast.optim.Adam (one
@@ -30,7 +30,7 @@ def _bench(benchmark, device, impl, kind, batch, with_step):
     if impl.startswith("native") and not clfast.native_available():
         pytest.skip("native extension not built")
     if impl == "bmm_compiled" and (device != "cuda" or batch != 64 or kind != "dan"):
-        pytest.skip("the torch.compile baseline is the H100 goal's: CUDA, the notebook's DAN, batch 64")
+        pytest.skip("the torch.compile baseline runs only on CUDA, for the three-layer DAN at batch 64")
     if impl == "native+fused_adam" and not with_step:
         pytest.skip("same as native without an optimizer step")
     ref, fast = _model(kind, device)

@@ -1,5 +1,5 @@
 """EWC penalty + gradient on a 784-1000-1000-10 MLP (1.8M parameters), one consolidated task: nngeometry's
-``F.vTMv(PVector.from_model(model) - v0)`` + autograd (the seed's EWC.penalty) vs clfast.EWC's ``penalty()``
+``F.vTMv(PVector.from_model(model) - v0)`` + autograd (an nngeometry EWC penalty) vs clfast.EWC's ``penalty()``
 + autograd and its graph-free ``add_penalty_grad_``; diagonal and KFAC Fishers."""
 import pytest
 import torch

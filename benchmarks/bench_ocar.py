@@ -1,8 +1,8 @@
-"""OCAR on the seed's Base_Net ConvNet (30 outputs) with batches of 256 current + 256 replayed images:
+"""OCAR on the small ConvNet (BaseNet, 30 outputs) with batches of 256 current + 256 replayed images:
 
 * ``test_kfac_solve``: preconditioning the gradient, nngeometry's ``F.solve`` (a least-squares solve per layer
   per call) vs clfast's exact mode (damped inverses + ``kron_mv``) vs ema mode (``kron_mv`` on cached inverses);
-* ``test_step``: the seed's "Ours" step (three nngeometry Fishers, solve, list buffer) vs an OCAR ema step."""
+* ``test_step``: the nngeometry OCAR step (three nngeometry Fishers, solve, list buffer) vs an OCAR ema step."""
 import pytest
 import torch
 from torch import nn

@@ -1,5 +1,5 @@
 """Reservoir replay buffers: :class:`ReservoirBuffer` keeps its items as preallocated tensors on a device and
-adds a whole batch with one op; :class:`DataBuffer` is the seed notebook's interface on top of it."""
+adds a whole batch with one op; :class:`DataBuffer` is the list-based DataBuffer's interface on top of it."""
 from __future__ import annotations
 
 import random
@@ -126,10 +126,11 @@ class ReservoirBuffer:
 
 
 class DataBuffer:
-    """The seed notebook's buffer interface (``update_buffer(pairs)``, ``sample(n)``, ``buffer``,
-    ``num_seen_examples``) on a :class:`ReservoirBuffer` on the CPU. It draws from Python's ``random`` exactly as the
-    seed does (one ``random.randint`` per item once the buffer is full, ``random.sample`` to sample), so under
-    the same ``random.seed`` it keeps and returns the same items, and leaves ``random`` in the same state."""
+    """The list-based DataBuffer's interface (``update_buffer(pairs)``, ``sample(n)``, ``buffer``,
+    ``num_seen_examples``; ``clfast.baselines.buffer``) on a :class:`ReservoirBuffer` on the CPU. It draws from
+    Python's ``random`` exactly as the list-based DataBuffer does (one ``random.randint`` per item once the buffer
+    is full, ``random.sample`` to sample), so under the same ``random.seed`` it keeps and returns the same items,
+    and leaves ``random`` in the same state."""
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
@@ -153,8 +154,8 @@ class DataBuffer:
         if self._buffer.storage:  # add()'s checks, before any draw
             self._buffer.add(xs[:0], ys[:0])
         seen = self._buffer.num_seen
-        # The seed's slot for item m >= max_size is random.randint(0, m); the op's is floor(draw * (m + 1)), which
-        # the draw (slot + 1/2) / (m + 1) gives back exactly.
+        # The list-based DataBuffer's slot for item m >= max_size is random.randint(0, m); the op's is
+        # floor(draw * (m + 1)), which the draw (slot + 1/2) / (m + 1) gives back exactly.
         draws = [(random.randint(0, m) + 0.5) / (m + 1) if m >= self.max_size else 0.0
                  for m in range(seen, seen + len(pairs))]
         self._buffer._add([xs, ys], torch.tensor(draws, dtype=torch.float64))

@@ -1,12 +1,13 @@
 """OCAR: replay whose gradient is preconditioned by the Fisher of the replayed + current data
-(Urettini & Carta, arXiv 2502.01866; the seed notebook's "Ours").
+(Urettini & Carta, arXiv 2502.01866).
 
 Each :meth:`OCAR.step` trains on the current batch plus an equal-size sample of the buffer and replaces the
 gradient ``g`` by ``(F + damping I)^{-1} g``:
 
-* ``fisher="exact"``: ``F`` is nngeometry's FIM on that union batch, as the seed computes it; the solve follows
-  nngeometry's conventions (KFAC's pi-damping ``(G + sqrt(d)/pi I)^{-1} V (A + sqrt(d) pi I)^{-1}``), so the
-  result equals ``F.solve(PVector.from_model_grad(model), regul=damping)``.
+* ``fisher="exact"``: ``F`` is nngeometry's FIM on that union batch, as the nngeometry OCAR step computes it;
+  the solve follows nngeometry's conventions (KFAC's pi-damping
+  ``(G + sqrt(d)/pi I)^{-1} V (A + sqrt(d) pi I)^{-1}``), so the result equals
+  ``F.solve(PVector.from_model_grad(model), regul=damping)``.
 * ``fisher="ema"`` (KFAC): the Kronecker factors come from hooks on the step's own forward and one extra
   backward of labels sampled from the model (an unbiased estimate of nngeometry's true-Fisher factors, with its
   scaling), are averaged with decay ``ema_decay`` and inverted every ``refresh`` steps; a step then costs two

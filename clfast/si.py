@@ -38,7 +38,7 @@ _pre_step_storage: "weakref.WeakKeyDictionary[nn.Module, Dict[str, Tensor]]" = w
 
 
 def _tracked(params: Iterable[Tensor]) -> List[tuple]:
-    """(index in ``params``, parameter) for every parameter that requires grad: the seed's buffer indices."""
+    """(index in ``params``, parameter) for every parameter that requires grad: hypnettorch's SI buffer indices."""
     return [(i, p) for i, p in enumerate(params) if p.requires_grad]
 
 

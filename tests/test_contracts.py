@@ -417,7 +417,7 @@ def test_si_state_dict_loads_strictly_into_a_hypnettorch_module(backend, finish)
     assert set(back.state_dict()) == set(si.state_dict())
 
 
-def test_databuffer_keeps_the_seed_notebooks_items_under_the_same_random_seed():
+def test_databuffer_keeps_the_list_buffers_items_under_the_same_random_seed():
     import random
     from clfast.baselines.buffer import ListDataBuffer
     items = [(torch.full((3,), float(i)), torch.tensor(i % 7)) for i in range(300)]

@@ -1,4 +1,5 @@
-"""DAN layers: fused op vs reference, clfast.nn modules vs the seed's, conversions, bad input, autograd, compile."""
+"""DAN layers: fused op vs reference, clfast.nn modules vs the per-neuron ones, conversions, bad input, autograd,
+compile."""
 import copy
 import os
 import warnings
@@ -150,7 +151,7 @@ def test_opcheck(training, per_neuron):
 def _seed_and_fast(act, bias=True, ni=12, classes=3):
     torch.manual_seed(0)
     ref = seed.DAN(ni, classes, act=act)
-    if not bias:  # the seed's DAN has no bias switch: rebuild its layers without biases
+    if not bias:  # the per-neuron DAN has no bias switch: rebuild its layers without biases
         ref.dan1 = seed.DANLayer(3, ni, 50, 100, act_fn=act, bias=False)
         ref.dan2 = seed.DANLayer(2, 100, 50, 25, p_neurons=3, act_fn=act, bias=False)
         ref.dan3 = seed.DANLayer(1, 25, 10, classes, p_neurons=2, act_fn=act, bias=False)
@@ -167,7 +168,8 @@ def _compare_modules(fast, ref, rtol=1e-4, atol=1e-5):
 @pytest.mark.parametrize("act", list(ACTS))
 @pytest.mark.parametrize("bias", [True, False])
 def test_dan_training_matches_seed(backend, device, act, bias):
-    """Outputs, gradients of every parameter, SGD steps and BatchNorm state (train and eval) equal the seed's."""
+    """Outputs, gradients of every parameter, SGD steps and BatchNorm state (train and eval) equal the per-neuron
+    DAN's."""
     ref, fast = _seed_and_fast(ACTS[act](), bias)
     ref, fast = ref.to(device), fast.to(device)
     opt_r, opt_f = torch.optim.SGD(ref.parameters(), 0.05), torch.optim.SGD(fast.parameters(), 0.05)
@@ -180,7 +182,7 @@ def test_dan_training_matches_seed(backend, device, act, bias):
             nn.functional.mse_loss(m.out, y).backward()
         torch.testing.assert_close(fast.out, ref.out, rtol=1e-4, atol=1e-5)
         grads_r = {k: v.grad for k, v in ref.named_parameters()}
-        for name, p in fast.named_parameters():  # gradients, in the seed's layout
+        for name, p in fast.named_parameters():  # gradients, in the per-neuron layout
             layer, pname = name.split(".")
             for i in range(getattr(fast, layer)._n):
                 index, attr = clfast.nn.dan._SEED_NAMES[pname]
@@ -223,12 +225,12 @@ def test_same_initial_parameters_as_seed():
 def test_state_dict_layouts():
     ref, fast = _seed_and_fast(nn.Tanh())
     fast(torch.randn(8, 12))  # move the running statistics
-    # seed layout -> clfast (strict), clfast -> seed, and a Neuron's own state dict
+    # per-neuron layout -> clfast (strict), clfast -> per-neuron, and a Neuron's own state dict
     other = clfast.nn.DAN(12, 3)
     other.load_state_dict(ref.state_dict())
     _compare_modules(other, ref, rtol=0, atol=0)
     fresh = seed.DAN(12, 3)
-    fresh.load_state_dict(fast.to_reference().state_dict())  # clfast -> seed layout, into the seed's own class
+    fresh.load_state_dict(fast.to_reference().state_dict())  # clfast -> per-neuron layout, into its own class
     fresh.eval()
     fast.eval()
     x = torch.randn(6, 12)
@@ -461,7 +463,7 @@ def test_shared_phenotype_layer(backend):
         torch.testing.assert_close(getattr(layer, k).grad[0], getattr(expanded, k).grad.sum(0), rtol=1e-4, atol=1e-5)
     for k in STATS:
         torch.testing.assert_close(getattr(layer, k), getattr(expanded, k))
-    ref = layer.to_reference()  # the phenotype is copied into every seed neuron
+    ref = layer.to_reference()  # the phenotype is copied into every per-neuron neuron
     assert torch.equal(ref.neurons[3].core[1].weight, layer.weight1[0])
 
 
@@ -526,8 +528,8 @@ def test_conversions_are_exact_and_leave_the_rng_alone():
 
 
 def test_activation_with_parameters_and_non_elementwise_activation():
-    """PReLU (a parameter, shared by every neuron and layer as in the seed) and Softmax(dim=1) run on the
-    reference path and match the seed, gradients of the activation's parameter included."""
+    """PReLU (a parameter, shared by every neuron and layer as in the per-neuron modules) and Softmax(dim=1) run on
+    the reference path and match the per-neuron modules, gradients of the activation's parameter included."""
     for act in (nn.PReLU(), nn.Softmax(dim=1)):
         ref, fast = _seed_and_fast(act)
         assert fast.dan1.act_fn is fast.dan3.act_fn and fast.dan1.act_fn is not ref.dan1.neurons[0].core[2]
@@ -580,8 +582,8 @@ def test_failures_on_the_reference_path_change_nothing():
         half(torch.randn(6, 4, dtype=torch.bfloat16))
 
 
-def test_notebook_parameter_count():
-    assert sum(p.numel() for p in clfast.nn.DAN(100, 1, act=nn.ReLU()).parameters()) == 78901  # as printed there
+def test_per_neuron_parameter_count():
+    assert sum(p.numel() for p in clfast.nn.DAN(100, 1, act=nn.ReLU()).parameters()) == 78901
 
 
 def test_vecdan_state_dict_and_parameter_split():

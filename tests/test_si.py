@@ -196,7 +196,7 @@ def test_functional_api_matches_hypnettorch(backend, delta):
 def test_state_dict_moves_between_seed_and_clfast(backend):
     tasks = _tasks(2)
     trained = _train(_mlp(), seed, tasks)
-    # A module set up by clfast's functions loads the seed-trained state, and vice versa.
+    # A module set up by clfast's functions loads the state trained with hypnettorch's, and vice versa.
     target = _train(_mlp(1), csi, tasks[:1])
     target.load_state_dict(trained.state_dict())
     params = list(target.parameters())

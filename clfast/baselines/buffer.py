@@ -1,4 +1,4 @@
-"""The seed notebook's DataBuffer (a Python list, one ``random.randint`` per item) and Algorithm R item by
+"""The list-based DataBuffer (a Python list, one ``random.randint`` per item) and Algorithm R item by
 item: the baselines ``clfast.ReservoirBuffer`` / ``clfast.DataBuffer`` are tested and benchmarked against."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import Tensor
 
 
 def reservoir_add_one_by_one(storage: List[Tensor], batch: List[Tensor], draws: Tensor, num_seen: int) -> None:
-    """Vitter's Algorithm R item by item, as the seed's DataBuffer does, with the draws given."""
+    """Vitter's Algorithm R item by item, as the list-based DataBuffer does, with the draws given."""
     capacity = storage[0].shape[0]
     for j in range(batch[0].shape[0]):
         m = num_seen + j
@@ -22,7 +22,7 @@ def reservoir_add_one_by_one(storage: List[Tensor], batch: List[Tensor], draws: 
 
 
 class ListDataBuffer:
-    """The seed notebook's DataBuffer as it is: a Python list of ``(x, y)`` pairs, one ``random.randint`` per
+    """The list-based DataBuffer: a Python list of ``(x, y)`` pairs, one ``random.randint`` per
     item; the baseline of the buffer benchmarks."""
 
     def __init__(self, max_size: int) -> None:

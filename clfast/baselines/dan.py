@@ -1,4 +1,4 @@
-"""The seed notebook's DAN modules as they are: ``Neuron`` = ``nn.Sequential(BN, Linear, act, BN, Linear, act,
+"""The per-neuron DAN implementation: ``Neuron`` = ``nn.Sequential(BN, Linear, act, BN, Linear, act,
 Linear)``, ``DANLayer`` = a Python loop of N neurons on the same input, ``DAN`` = three layers (3, 2, 1 neurons).
 They are the parity baseline and the layout ``clfast.nn`` converts from and to."""
 from __future__ import annotations
@@ -48,7 +48,7 @@ class DANLayer(nn.Module):
 
 
 class DAN(nn.Module):
-    """The seed's three-layer DAN: 3 neurons (50 hidden, 100 out), 2 neurons (50, 25), 1 neuron (10, classes)."""
+    """The three-layer DAN: 3 neurons (50 hidden, 100 out), 2 neurons (50, 25), 1 neuron (10, classes)."""
 
     def __init__(self, ni, num_classes, act=None):
         super().__init__()

@@ -1,5 +1,5 @@
-"""The seed notebook's "Ours" training step (replay + gradient replaced by ``F.solve(g, regul)`` with F the
-Fisher of buffer + current data), on nngeometry 0.4: the baseline clfast.OCAR is measured against."""
+"""The OCAR step on nngeometry's solve (Urettini & Carta 2025: replay + gradient replaced by ``F.solve(g, regul)``
+with F the Fisher of buffer + current data), on nngeometry 0.4: the baseline clfast.OCAR is measured against."""
 from __future__ import annotations
 
 import torch
@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 def seed_ours_step(model: nn.Module, optimizer: torch.optim.Optimizer, buffer, x: Tensor, y: Tensor,
                    representation, regul: float = 1e-2) -> Tensor:
-    """One step as the seed takes it: sample the buffer, compute three Fishers (buffer, current, union; only
+    """One nngeometry OCAR step: sample the buffer, compute three Fishers (buffer, current, union; only
     the union one is used), solve, step, add the batch to the list-based buffer one pair at a time."""
     from nngeometry.metrics import FIM
     from nngeometry.object import PVector
@@ -38,7 +38,7 @@ def seed_ours_step(model: nn.Module, optimizer: torch.optim.Optimizer, buffer, x
 
 
 def _copy_to_grads(model: nn.Module, vector) -> None:
-    """What the seed meant by ``PVector.to_model_grad`` (which nngeometry never had)."""
+    """Copies ``vector`` into the parameters' ``.grad`` (a ``PVector.to_model_grad``, which nngeometry lacks)."""
     modules = vector.layer_collection.get_layerid_module_maps(model)[0]
     for lid, values in vector.to_dict().items():
         mod = modules[lid]

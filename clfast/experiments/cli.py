@@ -24,8 +24,8 @@ from . import data, io, loop, methods, models, plots, scenarios
 
 DEMO_METHODS = "finetune,replay,ewc,si,ocar,cbp"
 PRESETS = {
-    # the seed notebook's protocol: its ConvNet, plain SGD lr 0.002, batch 256, 5 epochs per task
-    # (and its EWC importance 1000, OCAR regul 1e-2)
+    # the small ConvNet (BaseNet), plain SGD lr 0.002, batch 256, 5 epochs per task, EWC strength 1000,
+    # OCAR damping 1e-2
     "seed": dict(model="basenet", lr=0.002, momentum=0.0, batch_size=256, epochs=5, ewc_lambda=1000.0,
                  si_strength=1.0, ocar_damping=1e-2),
     # momentum SGD for one epoch per task; strengths that stay stable over the split scenario at this step size
@@ -408,7 +408,7 @@ def _report(method: str, seed: int, r: Dict, task_il: bool) -> None:
 # --numerics portable. Each library reads its variable when it first computes, so they are set before the data
 # loads; one the user has set is kept. Without them MKL, ATen and oneDNN pick their kernels by CPU, and the
 # demo's accuracies differed between an AVX-512 and an AVX2 CPU. MKL honours AVX2 on Intel CPUs only (elsewhere
-# it picks by CPU); MKL_CBWR=COMPATIBLE is the same on every vendor, at about twice the GEMM time.
+# it picks by CPU); MKL_CBWR=COMPATIBLE is the same on every vendor, at a large cost in GEMM time.
 PORTABLE_NUMERICS = {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 

@@ -1,4 +1,4 @@
-"""Models of the experiment runner: an MLP, the seed notebook's ConvNet, and the DAN notebook's network."""
+"""Models of the experiment runner: an MLP, the small ConvNet (BaseNet), and the three-layer DAN."""
 from __future__ import annotations
 
 import math
@@ -20,7 +20,7 @@ class MLP(nn.Sequential):
 
 
 class BaseNet(nn.Module):
-    """The seed notebook's ``Base_Net``: two 5x5 convolutions with max-pooling, then 80 -> 20 -> classes."""
+    """The small ConvNet: two 5x5 convolutions with max-pooling, then 80 -> 20 -> classes."""
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
@@ -41,7 +41,7 @@ class BaseNet(nn.Module):
 
 
 class DANClassifier(nn.Sequential):
-    """The DAN notebook's three-layer DAN (``clfast.nn.DAN``, Tanh) on flattened images."""
+    """The three-layer DAN (``clfast.nn.DAN``, Tanh) on flattened images."""
 
     def __init__(self, num_classes: int = 10, in_features: int = 784) -> None:
         super().__init__(nn.Flatten(), _DAN(in_features, num_classes))

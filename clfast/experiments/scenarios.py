@@ -2,7 +2,7 @@
 
 * ``split``: ``ClassIncremental`` (``--tasks`` tasks of equal class counts), evaluated class-IL and task-IL;
 * ``permuted``: continuum ``Permutations`` (pixel permutations, the first task unpermuted), domain-IL;
-* ``fellowship``: the seed's ``MNISTFellowship`` (MNIST, Fashion-MNIST, KMNIST: 3 tasks x 10 classes, 30
+* ``fellowship``: continuum's ``MNISTFellowship`` (MNIST, Fashion-MNIST, KMNIST: 3 tasks x 10 classes, 30
   outputs), from files on disk.
 """
 from __future__ import annotations

@@ -1,16 +1,17 @@
 """Deep Artificial Neuron (DAN) layers on fused ops.
 
 A DAN layer is N small MLPs ("neurons", each ``BN -> Linear -> act -> BN -> Linear -> act -> Linear``) reading
-the same input. The seed notebook runs them as a Python loop of ``nn.Sequential``; here each layer keeps its
+the same input. The per-neuron DAN implementation (``clfast.baselines.dan``) runs them as a Python loop of
+``nn.Sequential``; here each layer keeps its
 parameters stacked (``[N, ...]``) and runs as one op call (``clfast::dan_layer``: the fused forward, its
 running-statistics update, and one fused backward through C++ autograd): the first Linear of all neurons is one
 GEMM, the others are batched over neurons, and BatchNorm and the activation are folded into the passes around
 them.
 
-``Neuron``, ``DANLayer`` and ``DAN`` take the seed's constructor arguments, draw the same initial parameters
-from the same seed, and compute the same outputs, gradients and BatchNorm running statistics.
-``from_reference`` / ``to_reference`` convert from and to the seed's modules, and ``load_state_dict`` accepts
-the seed's layout (``neurons.{i}.core.{0..6}.*``).
+``Neuron``, ``DANLayer`` and ``DAN`` take the per-neuron modules' constructor arguments, draw the same initial
+parameters from the same seed, and compute the same outputs, gradients and BatchNorm running statistics.
+``from_reference`` / ``to_reference`` convert from and to the per-neuron modules, and ``load_state_dict``
+accepts the per-neuron layout (``neurons.{i}.core.{0..6}.*``).
 
 ``VECDAN`` is the paper's network (Camp, Mandivarapu, Estrada, arXiv 2011.07035): one neuron "phenotype" shared
 by every neuron, and vectorised synapses that give each neuron its own input vector mixed from all outputs of
@@ -34,7 +35,7 @@ PARAMS = ("bn1_weight", "bn1_bias", "weight1", "bias1", "bn2_weight", "bn2_bias"
           "bias3")
 STATS = ("bn1_running_mean", "bn1_running_var", "bn1_num_batches_tracked", "bn2_running_mean", "bn2_running_var",
          "bn2_num_batches_tracked")
-# Our name -> (index in the seed's Neuron.core, attribute there).
+# Our name -> (index in the per-neuron Neuron.core, attribute there).
 _SEED_NAMES = {
     "bn1_weight": (0, "weight"), "bn1_bias": (0, "bias"), "bn1_running_mean": (0, "running_mean"),
     "bn1_running_var": (0, "running_var"), "bn1_num_batches_tracked": (0, "num_batches_tracked"),
@@ -69,7 +70,7 @@ def _check_positive(**sizes: int) -> None:
 
 
 def _init_params(module: nn.Module, n: int, ni: int, nf: int, no: int, bias: bool) -> None:
-    """Registers the stacked parameters, drawn like n seed Neurons in a row (same generator calls, same order)."""
+    """Registers the stacked parameters, drawn like n per-neuron Neurons in a row (same generator calls, same order)."""
     shapes = {"bn1_weight": (n, ni), "bn1_bias": (n, ni), "weight1": (n, nf, ni), "bias1": (n, nf),
               "bn2_weight": (n, nf), "bn2_bias": (n, nf), "weight2": (n, nf, nf), "bias2": (n, nf),
               "weight3": (n, no, nf), "bias3": (n, no)}
@@ -162,7 +163,7 @@ class _Stacked(nn.Module):
 
 class DANLayer(_Stacked):
     """``neurons`` neurons reading the same input of ``n_ni * p_neurons`` features; output ``[B, neurons *
-    n_nout_ni]``, the neurons' outputs concatenated (the seed's ``DANLayer``).
+    n_nout_ni]``, the neurons' outputs concatenated (the per-neuron ``DANLayer``).
 
     Parameters are stacked over neurons: ``bn1_weight``/``bn1_bias`` [N, ni], ``weight1`` [N, nf, ni], ``bias1``
     [N, nf], ``bn2_weight``/``bn2_bias`` [N, nf], ``weight2`` [N, nf, nf], ``bias2`` [N, nf], ``weight3``
@@ -198,18 +199,18 @@ class DANLayer(_Stacked):
         _check_input(x, self._n, self._ni, self.weight1, self.training, "DANLayer")
         return self._run(x, _params(self), _stats(self), self._n)
 
-    # ---- conversions from and to the seed's modules ----
+    # ---- conversions from and to the per-neuron modules ----
 
     @classmethod
     def from_reference(cls, layer: nn.Module, memo: Optional[dict] = None) -> "DANLayer":
-        """A DANLayer with the parameters and BatchNorm state of a seed ``DANLayer`` (``clfast.baselines.dan``
-        or the notebook's own class). The activation module is copied (``memo``: ``copy.deepcopy``'s, to share
+        """A DANLayer with the parameters and BatchNorm state of a per-neuron ``DANLayer`` (``clfast.baselines.dan``
+        or any class with its layout). The activation module is copied (``memo``: ``copy.deepcopy``'s, to share
         one copy between layers)."""
         return _convert_from(DANLayer, layer, list(layer.neurons), memo)
 
     def to_reference(self, memo: Optional[dict] = None) -> "nn.Module":
-        """The seed's ``DANLayer`` (``clfast.baselines.dan``) with this layer's parameters and BatchNorm state."""
-        from ..baselines import dan as _seed  # the seed's module layout: loaded only to convert to it
+        """The per-neuron ``DANLayer`` (``clfast.baselines.dan``) with this layer's parameters and BatchNorm state."""
+        from ..baselines import dan as _seed  # the per-neuron layout: loaded only to convert to it
         with torch.random.fork_rng(devices=[]):  # its throw-away initialisation leaves the global RNG alone
             ref = _seed.DANLayer(self._n, self._ni, self.n_nf, self.n_nout_ni, bias=self.bias1 is not None,
                                  act_fn=copy.deepcopy(self.act_fn, memo))
@@ -221,14 +222,14 @@ class DANLayer(_Stacked):
             neuron.core[0].eps = neuron.core[3].eps = self.eps
         ref = ref.to(self.weight1.device, self.weight1.dtype)
         state = _to_seed_layout(self.state_dict(), self._n)
-        if single:  # a seed Neuron: its keys are core.*
+        if single:  # a per-neuron Neuron: its keys are core.*
             state = {k[len("neurons.0."):]: v for k, v in state.items()}
         ref.load_state_dict(state)
         return ref.train(self.training)
 
 
 def _convert_from(cls, module: nn.Module, neurons: List[nn.Module], memo: Optional[dict]) -> "DANLayer":
-    """A ``cls`` (DANLayer or Neuron) holding the state of the seed's ``module`` made of ``neurons``."""
+    """A ``cls`` (DANLayer or Neuron) holding the state of the per-neuron ``module`` made of ``neurons``."""
     bn1, lin1, act, bn2, _, _, lin3 = neurons[0].core
     for neuron in neurons:
         b1, b2 = neuron.core[0], neuron.core[3]
@@ -257,7 +258,7 @@ def _to_seed_layout(state: Dict[str, Tensor], n: int) -> Dict[str, Tensor]:
         value = state[name]
         for i in range(n):  # a shared phenotype (leading dimension 1) is copied into every neuron
             out[f"neurons.{i}.core.{index}.{attr}"] = value[0 if value.shape[0] == 1 else i].clone()
-    for key, value in state.items():  # an activation with state: the seed shares it at core.2 and core.5
+    for key, value in state.items():  # an activation with state: the per-neuron layout shares it at core.2 and core.5
         if key.startswith("act_fn."):
             for i in range(n):
                 for index in (2, 5):
@@ -267,8 +268,8 @@ def _to_seed_layout(state: Dict[str, Tensor], n: int) -> Dict[str, Tensor]:
 
 def _from_seed_layout(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                       error_msgs) -> None:
-    """load_state_dict pre-hook: rewrites a seed-layout state dict (``neurons.{i}.core.{k}.*``) into ours."""
-    if module._n == 1 and prefix + "core.1.weight" in state_dict:  # a seed Neuron's own state dict
+    """load_state_dict pre-hook: rewrites a per-neuron-layout state dict (``neurons.{i}.core.{k}.*``) into ours."""
+    if module._n == 1 and prefix + "core.1.weight" in state_dict:  # a per-neuron Neuron's own state dict
         for key in [k for k in state_dict if k.startswith(prefix + "core.")]:
             state_dict[prefix + "neurons.0." + key[len(prefix):]] = state_dict.pop(key)
     if prefix + "neurons.0.core.1.weight" not in state_dict:
@@ -283,7 +284,8 @@ def _from_seed_layout(module, state_dict, prefix, local_metadata, strict, missin
         stacked = torch.stack([v.reshape(()) if "num_batches" in name else v for v in values])
         if module.shared and name in PARAMS:
             if not all(torch.equal(values[0], v) for v in values[1:]):
-                error_msgs.append(f"{prefix}{name}: the seed's neurons differ, a shared layer needs them equal")
+                error_msgs.append(f"{prefix}{name}: the per-neuron layout's neurons differ, a shared layer needs "
+                                  "them equal")
             stacked = stacked[:1]
         state_dict[prefix + name] = stacked
     act_prefix = prefix + "neurons.0.core.2."
@@ -296,19 +298,19 @@ def _from_seed_layout(module, state_dict, prefix, local_metadata, strict, missin
 
 
 class Neuron(DANLayer):
-    """One DAN neuron, ``BN -> Linear -> act -> BN -> Linear -> act -> Linear`` (the seed's ``Neuron``)."""
+    """One DAN neuron, ``BN -> Linear -> act -> BN -> Linear -> act -> Linear`` (the per-neuron ``Neuron``)."""
 
     def __init__(self, ni: int, nf: int, nout_ni: int, bias: bool = True, act_fn: Optional[nn.Module] = None) -> None:
         super().__init__(1, ni, nf, nout_ni, bias=bias, act_fn=act_fn)
 
     @classmethod
     def from_reference(cls, neuron: nn.Module, memo: Optional[dict] = None) -> "Neuron":
-        """A Neuron with the parameters and BatchNorm state of a seed ``Neuron``."""
+        """A Neuron with the parameters and BatchNorm state of a per-neuron ``Neuron``."""
         return _convert_from(Neuron, neuron, [neuron], memo)
 
     def to_reference(self, memo: Optional[dict] = None) -> "nn.Module":
-        """The seed's ``Neuron`` with this neuron's parameters and BatchNorm state."""
-        from ..baselines import dan as _seed  # the seed's module layout: loaded only to convert to it
+        """The per-neuron ``Neuron`` with this neuron's parameters and BatchNorm state."""
+        from ..baselines import dan as _seed  # the per-neuron layout: loaded only to convert to it
         with torch.random.fork_rng(devices=[]):
             ref = _seed.Neuron(self._ni, self.n_nf, self.n_nout_ni, bias=self.bias1 is not None,
                                act_fn=copy.deepcopy(self.act_fn, memo))
@@ -316,7 +318,8 @@ class Neuron(DANLayer):
 
 
 class DAN(nn.Module):
-    """The seed's three-layer DAN: 3 neurons (hidden 50, out 100), 2 neurons (50, 25), 1 neuron (10, classes)."""
+    """The three-layer DAN of ``clfast.baselines.dan``: 3 neurons (hidden 50, out 100), 2 neurons (50, 25),
+    1 neuron (10, classes)."""
 
     def __init__(self, ni: int, num_classes: int, act: Optional[nn.Module] = None) -> None:
         super().__init__()
@@ -330,17 +333,17 @@ class DAN(nn.Module):
 
     @classmethod
     def from_reference(cls, dan: nn.Module) -> "DAN":
-        """A DAN with the parameters and BatchNorm state of a seed ``DAN``."""
+        """A DAN with the parameters and BatchNorm state of a per-neuron ``DAN``."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        memo: dict = {}  # the three layers share one copy of the activation, as the seed's share theirs
+        memo: dict = {}  # the three layers share one copy of the activation, as the per-neuron layers share theirs
         for name in ("dan1", "dan2", "dan3"):
             setattr(new, name, DANLayer.from_reference(getattr(dan, name), memo))
         return new.train(dan.training)
 
     def to_reference(self) -> "nn.Module":
-        """The seed's ``DAN`` (``clfast.baselines.dan``) with this DAN's parameters and BatchNorm state."""
-        from ..baselines import dan as _seed  # the seed's module layout: loaded only to convert to it
+        """The per-neuron ``DAN`` (``clfast.baselines.dan``) with this DAN's parameters and BatchNorm state."""
+        from ..baselines import dan as _seed  # the per-neuron layout: loaded only to convert to it
         ref = _seed.DAN.__new__(_seed.DAN)
         nn.Module.__init__(ref)
         memo: dict = {}

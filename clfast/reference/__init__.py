@@ -2,8 +2,8 @@
 
 They are the oracle the tests compare the C++/CUDA kernels against, and the implementation clfast runs on
 when the extension is not built (``clfast.backend() == "reference"``); each checks its arguments as the native
-front does and raises the same errors. The seeds' own code, re-implemented for benchmarks and parity tests, is
-in :mod:`clfast.baselines`.
+front does and raises the same errors. The code clfast replaces (hypnettorch's SI, CLArena's CBP, the
+per-neuron DAN, ...), re-implemented for benchmarks and parity tests, is in :mod:`clfast.baselines`.
 """
 from .optim import adam_si_step_, sgd_si_step_
 from .si import si_accumulate_, si_consolidate_, si_penalty, si_penalty_backward, si_penalty_grad_

@@ -143,7 +143,7 @@ def dan_layer(x: Tensor, bn1_weight: Tensor, bn1_bias: Tensor, weight1: Tensor, 
     work = [None if t is None or not training else t.clone() for t in stats]
     rm1, rv1, nb1, rm2, rv2, nb2 = [w if training else t for w, t in zip(work, stats)]
 
-    def activate(h: Tensor) -> Tensor:  # on [N * B, C], the [batch, features] layout the seed's act sees
+    def activate(h: Tensor) -> Tensor:  # on [N * B, C], the [batch, features] layout the per-neuron act sees
         return act(h.reshape(-1, h.shape[-1])).view(h.shape)
 
     h = x.unsqueeze(0).expand(n, *x.shape) if x.dim() == 2 else x

@@ -1,5 +1,5 @@
 """Pure-torch references of the fused optimizer steps: torch.optim.SGD / Adam's single-tensor updates
-followed by the SI accumulation ``omega += (new - old) * (-grad)`` that the seed computes around a step."""
+followed by the SI accumulation ``omega += (new - old) * (-grad)`` that hypnettorch's SI computes around a step."""
 from __future__ import annotations
 
 import math

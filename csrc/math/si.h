@@ -1,5 +1,5 @@
 // Element-wise SI math shared by the CPU and CUDA kernels, written in the same operation order as the
-// seed's torch expressions: on the CPU float32 results round identically; nvcc contracts some products into
+// hypnettorch SI's torch expressions: on the CPU float32 results round identically; nvcc contracts some products into
 // FMAs, so CUDA results agree within float rounding.
 #pragma once
 #include "host_device.h"

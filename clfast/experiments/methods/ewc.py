@@ -71,7 +71,7 @@ class EWCPlugin(Plugin):
                            default="diag", help="the Fisher's nngeometry representation")
         group.add_argument("--ewc-mode", choices=("separate", "online"), default="separate",
                            help="one penalty per past task, or one running Fisher")
-        group.add_argument("--ewc-lambda", type=float, default=None, help="EWC strength (the seed's `importance`)")
+        group.add_argument("--ewc-lambda", type=float, default=None, help="EWC strength (the penalty's weight)")
         group.add_argument("--ewc-gamma", type=float, default=1.0, help="online mode: decay of the running Fisher")
         group.add_argument("--fisher-samples", type=int, default=1000, help="samples of a task used for its Fisher")
 
