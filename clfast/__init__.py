@@ -12,6 +12,7 @@ from .cbp import CBP
 from .buffer import DataBuffer, ReservoirBuffer
 from .ewc import EWC
 from .ocar import OCAR
+from ._fisher import fisher
 
 __all__ = ["__version__", "backend", "set_backend", "native_available", "nn", "si", "SI", "optim", "CBP",
-           "ReservoirBuffer", "DataBuffer", "EWC", "OCAR"]
+           "ReservoirBuffer", "DataBuffer", "EWC", "OCAR", "fisher"]

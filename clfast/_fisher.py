@@ -1,0 +1,317 @@
+"""The Fisher information of a classifier as an nngeometry object, computed without a loop over output classes.
+
+:func:`fisher` returns the matrix nngeometry 0.4's ``FIM(model, loader, PMat..., variant="classif_logits")``
+returns (its whitening made robust as in :func:`clfast._nngeometry.fim`), but where nngeometry runs one backward
+per whitened output and batch, this runs one batched backward per batch (``is_grads_batched``) that gives the
+gradients of all whitened outputs with respect to every layer output at once, and builds the diagonal, the KFAC
+factors or the per-example gradients of each layer from those with a few GEMMs.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._nngeometry import Layers, empirical_fisher, generator, pmat_classes, representation_name
+
+__all__ = ["fisher"]
+
+REPRESENTATIONS = ("diag", "kfac", "dense", "blockdiag")
+VARIANTS = ("classif_logits", "empirical")
+_CHUNK_BYTES = 256 * 2 ** 20  # default bound of a [examples, outputs, parameters] buffer of per-example gradients
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def fisher(model: nn.Module, loader: Iterable, representation: Union[str, type] = "diag",
+           variant: str = "classif_logits", layer_collection=None,
+           device: Optional[Union[str, torch.device]] = None, chunk_size: Optional[int] = None):
+    """The Fisher information matrix of ``model`` on ``loader`` (batches ``(x, ...)``), model in eval mode.
+
+    ``variant="classif_logits"``: ``F = 1/n sum_i J_i^T J_i`` with ``J_i`` the Jacobian with respect to the
+    parameters of example ``i``'s logits whitened by a factor of ``diag(p_i) - p_i p_i^T`` (nngeometry's ``FIM``),
+    i.e. ``E_{y ~ p(y|x_i)}[g g^T]`` in closed form. ``variant="empirical"``: the mean over the minibatches of the
+    squared (``"diag"``) or outer-product (``"dense"``) gradient of the mean cross-entropy, as :class:`clfast.EWC`
+    computes it.
+
+    Args:
+        representation: ``"diag"``, ``"kfac"``, ``"dense"``, ``"blockdiag"`` or the nngeometry class.
+        layer_collection: nngeometry ``LayerCollection`` of the Linear, Conv2d and BatchNorm1d/2d layers to cover
+            (default: the whole model, which must have no other parameters).
+        device: where the batches go (default: the model's device).
+        chunk_size: examples whose per-example gradients are formed at once (dense, blockdiag, and the diagonal of
+            Conv2d / BatchNorm layers); default: as many as fit in about 256 MB.
+
+    Returns:
+        nngeometry's ``PMatDiag``, ``PMatKFAC``, ``PMatDense`` or ``PMatBlockDiag``, laid out as nngeometry's.
+        The parameters' ``.grad`` and the modules' train/eval modes are left as they were.
+    """
+    rep = representation_name(representation)
+    if rep not in REPRESENTATIONS:
+        raise ValueError(f"clfast.fisher computes representations {REPRESENTATIONS}, not {rep!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant == "empirical" and rep not in ("diag", "dense"):
+        raise ValueError(f"variant='empirical' squares minibatch gradients: use 'diag' or 'dense', not {rep!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    layers = Layers(model, layer_collection, "clfast.fisher", kronecker=rep == "kfac")
+    _check_modules(layers)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    modes = [(m, m.training) for m in model.modules()]  # restored one by one: a model may mix modes
+    model.eval()  # nngeometry's BatchNorm Jacobians need eval mode; no dropout in a Fisher either
+    try:
+        if variant == "empirical":
+            return empirical_fisher(layers, loader, rep, F.cross_entropy, device)
+        data = _Collector(layers, rep, chunk_size).run(loader, device)
+    finally:
+        for m, training in modes:
+            m.training = training
+    return pmat_classes()[rep](generator=generator(layers), data=data)
+
+
+def _check_modules(layers: Layers) -> None:
+    for lid, mod in layers.modules.items():
+        if isinstance(mod, nn.Conv2d):
+            if mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+                raise ValueError(f"clfast.fisher: Conv2d '{lid}' needs groups=1, padding_mode='zeros' and numeric "
+                                 "padding (its per-example gradients are taken by im2col)")
+        elif isinstance(mod, _BATCH_NORMS):
+            if mod.weight is None or mod.running_mean is None:
+                raise ValueError(f"clfast.fisher: BatchNorm '{lid}' needs affine=True and track_running_stats=True "
+                                 "(in eval mode it then normalises each example by its running statistics)")
+        elif type(mod) is not nn.Linear:
+            raise ValueError(f"clfast.fisher: layer '{lid}' is a {type(mod).__name__}; only Linear, Conv2d and "
+                             "BatchNorm1d/2d layers are supported (pass layer_collection= without it)")
+
+
+def whitening(logits: Tensor) -> Tensor:
+    """``W [K = classes - 1, B, classes]``: the Jacobian with respect to the logits of nngeometry's whitened
+    classif_logits outputs (Tanabe & Sagae's factor of ``diag(p) - p p^T``, ``p`` held constant), with
+    :func:`clfast._nngeometry.fim`'s clamping of the roundings that make nngeometry's NaN."""
+    p = torch.softmax(logits, dim=1)
+    q = (1 - p.cumsum(dim=1)).clamp_min(0)  # q_j = sum_{c > j} p_c
+    prev = torch.cat([torch.ones_like(q[:, :1]), q[:, :-2]], dim=1)
+    scale = (p[:, :-1] * q[:, :-1] / prev.clamp_min(torch.finfo(p.dtype).tiny)).clamp_min(0).sqrt()
+    k, c = logits.shape[1] - 1, logits.shape[1]
+    eye = torch.eye(k, c, dtype=p.dtype, device=p.device)
+    later = torch.triu(torch.ones(k, c, dtype=p.dtype, device=p.device), diagonal=1)  # [c > j]
+    # output_j = scale_j (z_j - sum_{c > j} p_c z_c / (q_j + eps)), nngeometry's eps included
+    w = eye - later * p[:, None, :] / (q[:, :-1, None] + torch.finfo(p.dtype).eps)
+    return (scale[:, :, None] * w).transpose(0, 1)
+
+
+class _Collector:
+    """Sums one representation's per-layer statistics over a loader and normalises them as nngeometry does."""
+
+    def __init__(self, layers: Layers, rep: str, chunk_size: Optional[int]) -> None:
+        self.layers, self.rep, self.chunk_size = layers, rep, chunk_size
+        self.lids = list(layers.modules)
+        self.numel = {lid: layer.numel() for lid, layer in layers.collection.layers.items()}
+        self.captured: Dict[str, Tuple[Tensor, Tensor]] = {}
+        self.batched = True  # is_grads_batched, until a module's backward refuses vmap
+
+    def _hook(self, lid: str):
+        def hook(module, inputs, output):
+            if lid in self.captured:
+                raise ValueError(f"clfast.fisher: layer '{lid}' runs more than once per forward (shared weights)")
+            self.captured[lid] = (inputs[0].detach(), output)
+            # the rest of the network gets a copy, so an in-place op after the layer (ReLU(inplace=True)) cannot
+            # turn the captured tensor into another one
+            return output.clone()
+        return hook
+
+    @torch.no_grad()
+    def run(self, loader: Iterable, device: torch.device):
+        handles = [self.layers.modules[lid].register_forward_hook(self._hook(lid)) for lid in self.lids]
+        try:
+            total, n, k = None, 0, None
+            for batch in loader:
+                x = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device)
+                xs, gys, k_batch = self._output_grads(x)
+                if k is not None and k_batch != k:
+                    raise ValueError(f"clfast.fisher: the model gives {k + 1} logits on one batch, {k_batch + 1} on "
+                                     "another")
+                k = k_batch
+                part = self._batch(xs, gys, k)
+                total = part if total is None else _add(total, part)
+                n += x.shape[0]
+        finally:
+            for h in handles:
+                h.remove()
+            self.captured = {}
+        if not n or k is None:
+            raise ValueError("clfast.fisher: the loader gave no examples")
+        return self._finish(total, n, k)
+
+    def _output_grads(self, x: Tensor) -> Tuple[Dict[str, Tensor], Dict[str, Tensor], int]:
+        """Per layer: its input ``[B, ...]`` and the gradients ``[B, K, ...]`` of the K whitened outputs summed
+        over the batch with respect to its output, which per example are that example's own (eval mode)."""
+        if x.is_floating_point():  # so that every layer output requires grad, even with frozen parameters
+            x = x.detach().requires_grad_()
+        self.captured = {}
+        with torch.enable_grad():
+            logits = self.layers.model(x)
+        if logits.dim() != 2 or logits.shape[1] < 2:
+            raise ValueError(f"clfast.fisher: classif_logits needs logits [batch, classes >= 2], got "
+                             f"{list(logits.shape)}")
+        if not logits.requires_grad:
+            raise ValueError("clfast.fisher: the model's logits have no gradient (is its forward under no_grad?)")
+        w = whitening(logits.detach())  # [K, B, C]
+        k, b = w.shape[0], w.shape[1]
+        if self.batched:
+            lids = self._differentiable()
+            try:
+                grads = torch.autograd.grad(logits, [self.captured[lid][1] for lid in lids], w,
+                                            is_grads_batched=True, allow_unused=True)
+                return ({lid: self.captured[lid][0] for lid in lids},
+                        {lid: g.transpose(0, 1) for lid, g in zip(lids, grads) if g is not None}, k)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as exc:
+                warnings.warn(f"clfast.fisher: the model's backward does not run under vmap ({exc}); the batch is "
+                              "replicated once per whitened output instead", RuntimeWarning)
+                self.batched = False
+        # fallback: one forward and backward of the batch repeated K times, replica k carrying output k
+        self.captured = {}
+        with torch.enable_grad():
+            logits = self.layers.model(x.repeat(k, *([1] * (x.dim() - 1))))
+        lids = self._differentiable()
+        grads = torch.autograd.grad(logits, [self.captured[lid][1] for lid in lids], w.reshape(k * b, -1),
+                                    allow_unused=True)
+        return ({lid: self.captured[lid][0][:b] for lid in lids},
+                {lid: g.reshape(k, b, *g.shape[1:]).transpose(0, 1) for lid, g in zip(lids, grads) if g is not None},
+                k)
+
+    def _differentiable(self) -> List[str]:
+        """The captured layers whose output has a gradient (the others add nothing, as in nngeometry)."""
+        return [lid for lid, (_, out) in self.captured.items() if out.requires_grad]
+
+    # -- one batch -----------------------------------------------------------------------------------------------
+    def _batch(self, xs: Dict[str, Tensor], gys: Dict[str, Tensor], k: int):
+        live = [lid for lid in self.lids if lid in gys]  # a layer the logits do not depend on adds nothing
+        if not live:
+            return {}
+        if self.rep == "diag":
+            return {lid: self._diag(lid, xs[lid], gys[lid]) for lid in live}
+        if self.rep == "kfac":
+            return {lid: self._kfac(lid, xs[lid], gys[lid]) for lid in live}
+        if self.rep == "blockdiag":
+            out: Dict[str, Tensor] = {}
+            for lid in live:
+                for sl in self._chunks(xs[lid].shape[0], k, self.numel[lid], xs[lid].dtype):
+                    j = self._per_example(lid, xs[lid][sl], gys[lid][sl])
+                    out[lid] = j.t() @ j if lid not in out else out[lid].addmm_(j.t(), j)
+            return out
+        b, dtype = gys[live[0]].shape[0], gys[live[0]].dtype  # dense: every layer's per-example columns side by side
+        dense = None
+        for sl in self._chunks(b, k, sum(self.numel.values()), dtype):
+            rows = k * gys[live[0]][sl].shape[0]
+            j = torch.cat([self._per_example(lid, xs[lid][sl], gys[lid][sl]) if lid in gys else
+                           gys[live[0]].new_zeros(rows, self.numel[lid]) for lid in self.lids], dim=1)
+            dense = j.t() @ j if dense is None else dense.addmm_(j.t(), j)
+        return {"dense": dense}
+
+    def _chunks(self, b: int, k: int, numel: int, dtype: torch.dtype):
+        size = self.chunk_size or max(1, _CHUNK_BYTES // (k * numel * torch.finfo(dtype).bits // 8))
+        return [slice(s, s + size) for s in range(0, b, size)]
+
+    def _per_example(self, lid: str, x: Tensor, gy: Tensor) -> Tensor:
+        """``[b * K, P]``: the gradient of each (example, whitened output) pair, weight then bias."""
+        mod = self.layers.modules[lid]
+        b, k = gy.shape[0], gy.shape[1]
+        if isinstance(mod, nn.Linear):
+            gw = gy[:, :, :, None] * _flat(lid, x)[:, None, None, :]
+            gb = gy
+        elif isinstance(mod, nn.Conv2d):
+            g = gy.reshape(b, k * gy.shape[2], -1)  # [b, K * out, locations]
+            gw = torch.bmm(g, _unfold(mod, x).transpose(1, 2))  # sum over locations of gy x^T
+            gb = g.sum(2)
+        else:
+            gw = gy * _normalised(mod, x)[:, None]
+            if gy.dim() > 3:  # sum over locations (sum(()) would sum over everything)
+                gw, gb = gw.flatten(3).sum(3), gy.flatten(3).sum(3)
+            else:
+                gb = gy
+        parts = [gw.reshape(b * k, -1)] + ([gb.reshape(b * k, -1)] if self._has_bias(lid) else [])
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def _has_bias(self, lid: str) -> bool:
+        return self.layers.modules[lid].bias is not None
+
+    def _diag(self, lid: str, x: Tensor, gy: Tensor) -> Tensor:
+        mod = self.layers.modules[lid]
+        if isinstance(mod, nn.Linear):  # sum_{i,k} gy_ik^2 x_i^2 = (sum_k gy_k^2)^T x^2: one GEMM
+            g2 = (gy * gy).sum(1)
+            x = _flat(lid, x)
+            parts = [(g2.t() @ (x * x)).reshape(-1)] + ([g2.sum(0)] if mod.bias is not None else [])
+            return torch.cat(parts)
+        return sum((j * j).sum(0) for j in (self._per_example(lid, x[sl], gy[sl])
+                                            for sl in self._chunks(x.shape[0], gy.shape[1], self.numel[lid], x.dtype)))
+
+    def _kfac(self, lid: str, x: Tensor, gy: Tensor) -> Tuple[Tensor, Tensor]:
+        """nngeometry's sums: A = sum over examples (and locations) of x x^T, with a 1 appended for the bias;
+        G = sum over outputs and examples of g g^T, divided by the number of locations for a convolution."""
+        mod = self.layers.modules[lid]
+        if isinstance(mod, nn.Conv2d):
+            cols = _unfold(mod, x)
+            a = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+            g = gy.reshape(*gy.shape[:3], -1)
+            locations = g.shape[3]
+            g = g.transpose(2, 3).reshape(-1, g.shape[2])
+        else:
+            a, g, locations = _flat(lid, x), gy.transpose(0, 1).reshape(-1, gy.shape[2]), 1  # rows in any order
+        if mod.bias is not None:
+            a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
+        return a.t() @ a, g.t() @ g / locations
+
+    def _finish(self, total, n: int, k: int):
+        if self.rep == "dense":
+            size = sum(self.numel.values())
+            mod = self.layers.modules[self.lids[0]]
+            return total.get("dense", mod.weight.new_zeros(size, size)) / n
+        out: Dict[str, Any] = {}
+        for lid in self.lids:
+            w = self.layers.modules[lid].weight
+            if self.rep == "kfac":
+                size_a = w[0].numel() + self._has_bias(lid)
+                a, g = total[lid] if lid in total else (w.new_zeros(size_a, size_a), w.new_zeros(len(w), len(w)))
+                # nngeometry's scaling (torch_hooks.py get_kfac_blocks): A sqrt(K) / n, G / (sqrt(K) n)
+                out[lid] = (a * (math.sqrt(k) / n), g / (math.sqrt(k) * n))
+            elif self.rep == "blockdiag":
+                out[lid] = total[lid] / n if lid in total else w.new_zeros(self.numel[lid], self.numel[lid])
+            else:
+                out[lid] = total[lid] / n if lid in total else w.new_zeros(self.numel[lid])
+        return torch.cat([out[lid] for lid in self.lids]) if self.rep == "diag" else out
+
+
+def _add(total, part):
+    for key, value in part.items():
+        if key not in total:
+            total[key] = value
+        elif isinstance(value, tuple):
+            total[key] = tuple(t.add_(v) for t, v in zip(total[key], value))
+        else:
+            total[key] = total[key].add_(value)
+    return total
+
+
+def _flat(lid: str, x: Tensor) -> Tensor:
+    if x.dim() != 2:
+        raise ValueError(f"clfast.fisher: Linear '{lid}' gets input {list(x.shape)}; nngeometry's Fisher (and this "
+                         "one) take Linear inputs [batch, features] only")
+    return x
+
+
+def _unfold(mod: nn.Conv2d, x: Tensor) -> Tensor:
+    """im2col: ``[B, in * kh * kw, locations]``, in the order of ``weight[o].reshape(-1)``."""
+    return F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
+
+
+def _normalised(mod: "nn.modules.batchnorm._BatchNorm", x: Tensor) -> Tensor:
+    """BatchNorm's input normalised by the running statistics (eval mode), channels on dimension 1."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return (x - mod.running_mean.view(shape)) / torch.sqrt(mod.running_var.view(shape) + mod.eps)

@@ -1,0 +1,230 @@
+"""clfast.fisher: nngeometry's FIM for every representation (from one batched backward per batch), the empirical
+variant, the fallback without vmap, and bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+nngeometry = pytest.importorskip("nngeometry")
+from nngeometry.layercollection import LayerCollection  # noqa: E402
+from nngeometry.metrics import FIM  # noqa: E402
+from nngeometry.object import PMatBlockDiag, PMatDense, PMatDiag, PMatKFAC  # noqa: E402
+
+from clfast._nngeometry import fim  # noqa: E402
+from clfast.experiments.models import BaseNet  # noqa: E402
+from clfast import fisher  # noqa: E402
+
+CLASSES = {"diag": PMatDiag, "kfac": PMatKFAC, "dense": PMatDense, "blockdiag": PMatBlockDiag}
+SHAPES = {"mlp": (12,), "basenet": (1, 28, 28), "bn1d": (12,), "bn2d": (2, 9, 9)}
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """nngeometry's classif_logits builds its triangular matrix in the default dtype (metrics.py:178), so it runs
+    float64 models only with a float64 default."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
+
+
+def _model(kind, seed=0):
+    torch.manual_seed(seed)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 5))
+    if kind == "basenet":
+        return BaseNet(num_classes=6).double()
+    if kind == "bn1d":  # the in-place ReLU rewrites BatchNorm's output; no bias on the last layer
+        model = nn.Sequential(nn.Linear(12, 10), nn.BatchNorm1d(10), nn.ReLU(inplace=True),
+                              nn.Linear(10, 4, bias=False))
+    else:
+        model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, stride=2), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+                              nn.Conv2d(4, 3, 3, dilation=2, bias=False), nn.Flatten(), nn.Linear(3, 5))
+    with torch.no_grad():  # BatchNorm away from the identity
+        for mod in model.modules():
+            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                mod.running_mean.normal_()
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.normal_()
+                mod.bias.normal_()
+    return model.eval()
+
+
+def _data(kind, n=20, seed=1):
+    torch.manual_seed(seed)
+    return torch.randn(n, *SHAPES[kind]), torch.randint(0, 4, (n,))
+
+
+def _loader(kind, n=20, batch_size=7):  # 20 = 7 + 7 + 6: a ragged last batch
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_data(kind, n)), batch_size=batch_size)
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _assert_same(ours, ref, rep):
+    assert type(ours) is CLASSES[rep]
+    assert ours.to_torch().shape == ref.to_torch().shape
+    assert _rel(ours.to_torch(), ref.to_torch()) <= 1e-6
+    if rep == "kfac":
+        assert list(ours.data) == list(ref.data)
+        for (a, g), (ra, rg) in zip(ours.data.values(), ref.data.values()):
+            assert a.shape == ra.shape and g.shape == rg.shape
+            assert _rel(a, ra) <= 1e-6 and _rel(g, rg) <= 1e-6
+    elif rep == "blockdiag":
+        assert list(ours.data) == list(ref.data)
+        for b, rb in zip(ours.data.values(), ref.data.values()):
+            assert _rel(b, rb) <= 1e-6
+    else:
+        assert ours.data.shape == ref.data.shape and _rel(ours.data, ref.data) <= 1e-6
+
+
+@pytest.mark.parametrize("kind", ["mlp", "basenet", "bn1d", "bn2d"])
+@pytest.mark.parametrize("rep", list(CLASSES))
+def test_equals_nngeometry_fim(kind, rep):
+    """nngeometry's own classif_logits FIM (a model far from confident, so it is finite), with chunks of any
+    size; the nngeometry class as representation gives the same."""
+    if rep == "kfac" and kind.startswith("bn"):
+        pytest.skip("no Kronecker factors for BatchNorm")
+    model, loader = _model(kind), _loader(kind)
+    ref = FIM(model, loader, CLASSES[rep])
+    assert torch.isfinite(ref.to_torch()).all()
+    _assert_same(fisher(model, loader, rep), ref, rep)
+    _assert_same(fisher(model, loader, CLASSES[rep], chunk_size=3, device="cpu"), ref, rep)
+
+
+@pytest.mark.parametrize("rep", ["diag", "kfac", "dense"])
+def test_layer_collection_subset_and_frozen_layer(rep):
+    """Only the layers of the collection (a frozen one included, as nngeometry includes it), any iterable of
+    batches, any default dtype."""
+    model = _model("mlp")
+    model[0].requires_grad_(False)
+    collection = LayerCollection()
+    for mod in (model[0], model[4]):
+        collection.add_layer_from_model(model, mod)
+    ref = FIM(model, _loader("mlp"), CLASSES[rep], layer_collection=collection)
+    batches = list(_loader("mlp"))
+    _assert_same(fisher(model, batches, rep, layer_collection=collection), ref, rep)
+    torch.set_default_dtype(torch.float32)
+    _assert_same(fisher(model, batches, rep, layer_collection=collection), ref, rep)
+
+
+def test_confident_model_uses_the_robust_whitening():
+    """Where nngeometry's whitening rounds to NaN, the result is clfast._nngeometry.fim's clamped one."""
+    model = _model("mlp")
+    with torch.no_grad():
+        model[4].weight.mul_(1000)
+    loader = _loader("mlp")
+    assert torch.isnan(FIM(model, loader, PMatDiag).data).any()  # why the clamping exists
+    for rep in ("diag", "kfac"):
+        ref = fim(model, loader, CLASSES[rep], "classif_logits", "cpu", None)
+        ours = fisher(model, loader, rep)
+        assert torch.isfinite(ours.to_torch()).all()
+        _assert_same(ours, ref, rep)
+
+
+class _ScalarBackward(torch.autograd.Function):
+    """x^2 whose backward reads a Python number, which vmap cannot batch."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        if not float(grad.abs().sum()) >= 0:
+            raise FloatingPointError("not finite")
+        return 2 * x * grad
+
+
+class _NoVmap(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(12, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.b(_ScalarBackward.apply(self.a(x)))
+
+
+@pytest.mark.parametrize("rep", ["diag", "kfac", "blockdiag"])
+def test_backward_without_vmap_falls_back_to_replicated_batches(rep):
+    torch.manual_seed(0)
+    model, loader = _NoVmap(), _loader("mlp")
+    with pytest.warns(RuntimeWarning, match="replicated"):
+        ours = fisher(model, loader, rep)
+    _assert_same(ours, FIM(model, loader, CLASSES[rep]), rep)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "bn2d"])
+@pytest.mark.parametrize("rep", ["diag", "dense"])
+def test_empirical_is_the_mean_squared_minibatch_gradient(kind, rep):
+    model, loader = _model(kind), _loader(kind)
+    params = list(model.parameters())
+    expected, batches = 0, 0
+    for x, y in loader:
+        g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(F.cross_entropy(model(x), y), params)])
+        expected = expected + (g * g if rep == "diag" else torch.outer(g, g))
+        batches += 1
+    ours = fisher(model, loader, rep, variant="empirical")
+    assert type(ours) is CLASSES[rep]
+    assert _rel(ours.data, expected / batches) <= 1e-12
+
+
+def test_modes_grads_and_hooks_are_left_alone():
+    model = _model("bn1d")
+    model.train()
+    model[1].eval()  # a mixed state, restored module by module
+    model[0].weight.grad = torch.full_like(model[0].weight, 3.0)
+    before = fisher(model, _loader("bn1d"), "diag")  # in eval mode: BatchNorm uses its running statistics
+    assert [m.training for m in model.modules()] == [True, True, False, True, True]
+    assert torch.equal(model[0].weight.grad, torch.full_like(model[0].weight, 3.0))
+    assert all(p.grad is None for p in list(model.parameters())[1:])
+    assert all(not m._forward_hooks for m in model.modules())
+    model.eval()
+    assert _rel(fisher(model, _loader("bn1d"), "diag").data, before.data) == 0
+
+
+class _Scaled(nn.Module):
+    """A parameter nngeometry skips silently: outside any layer it knows."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.scale = nn.Linear(12, 4), nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return self.scale * self.lin(x)
+
+
+def test_bad_input():
+    model, loader = _model("mlp"), _loader("mlp")
+    for kwargs, match in [(dict(representation="lowrank"), "representation"),
+                          (dict(representation="ekfac"), "computes representations"),
+                          (dict(variant="regression"), "variant"),
+                          (dict(representation="kfac", variant="empirical"), "empirical"),
+                          (dict(chunk_size=0), "chunk_size")]:
+        with pytest.raises(ValueError, match=match):
+            fisher(model, loader, **kwargs)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        fisher(_model("bn1d"), _loader("bn1d"), "kfac")
+    for empty in ([], _loader("mlp", n=0)):
+        with pytest.raises(ValueError, match="no examples"):
+            fisher(model, empty)
+    with pytest.raises(ValueError, match="Conv1d"):
+        fisher(nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(20, 3)), [(torch.randn(4, 1, 12),)])
+    with pytest.raises(ValueError, match="cannot handle"):
+        fisher(nn.Sequential(nn.Linear(12, 4), nn.PReLU()), loader)
+    with pytest.raises(ValueError, match="does not cover"):
+        fisher(_Scaled(), loader)
+    with pytest.raises(ValueError, match="classes >= 2"):
+        fisher(nn.Sequential(nn.Linear(12, 1)), loader)
+    shared = nn.Linear(12, 12)
+    with pytest.raises(ValueError, match="more than once"):
+        fisher(nn.Sequential(shared, nn.Tanh(), shared), loader)
+    model.train()
+    sequence = nn.Sequential(nn.Linear(12, 4), nn.Flatten())
+    with pytest.raises(ValueError, match=r"inputs \[batch, features\]"):
+        fisher(sequence, [(torch.randn(2, 3, 12),)])
+    assert not sequence[0]._forward_hooks and sequence.training and model.training
