@@ -1,6 +1,8 @@
 """The Fisher of an MLP 784-400-400-10 on 2,000 examples in batches of 200: nngeometry 0.4's ``FIM``
 (classif_logits, one backward per class) vs ``clfast.fisher`` (one batched backward per batch), diagonal and
 KFAC; and BackPACK's ``DiagGGNExact`` (the same diagonal for softmax cross-entropy) where it is installed."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -32,7 +34,7 @@ def _backpack_diag(model, loader):
     from backpack import backpack, extend
     from backpack.extensions import DiagGGNExact
 
-    extended, loss_fn = extend(model), extend(nn.CrossEntropyLoss(reduction="sum"))
+    extended, loss_fn = extend(copy.deepcopy(model)), extend(nn.CrossEntropyLoss(reduction="sum"))
     total = None
     for x, y in loader:
         extended.zero_grad()

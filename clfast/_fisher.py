@@ -45,6 +45,11 @@ def fisher(model: nn.Module, loader: Iterable, representation: Union[str, type] 
         chunk_size: examples whose per-example gradients are formed at once (dense, blockdiag, and the diagonal of
             Conv2d / BatchNorm layers); default: as many as fit in about 256 MB.
 
+    The sum over the loader is divided by the number of examples seen (nngeometry divides by
+    ``len(loader.sampler)``, which differs with ``drop_last``). BatchNorm uses the module's ``eps`` (nngeometry
+    1e-5). Memory: the batched backward holds the output gradients of every layer for all ``classes - 1`` whitened
+    outputs of a batch at once; lower the batch size for models with many classes.
+
     Returns:
         nngeometry's ``PMatDiag``, ``PMatKFAC``, ``PMatDense`` or ``PMatBlockDiag``, laid out as nngeometry's.
         The parameters' ``.grad`` and the modules' train/eval modes are left as they were.
@@ -56,7 +61,7 @@ def fisher(model: nn.Module, loader: Iterable, representation: Union[str, type] 
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if variant == "empirical" and rep not in ("diag", "dense"):
         raise ValueError(f"variant='empirical' squares minibatch gradients: use 'diag' or 'dense', not {rep!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     layers = Layers(model, layer_collection, "clfast.fisher", kronecker=rep == "kfac")
     _check_modules(layers)
@@ -118,6 +123,9 @@ class _Collector:
         def hook(module, inputs, output):
             if lid in self.captured:
                 raise ValueError(f"clfast.fisher: layer '{lid}' runs more than once per forward (shared weights)")
+            if torch.is_grad_enabled() and not output.requires_grad and output.is_floating_point():
+                # a frozen layer on an input without gradient: its parameters still have a Fisher
+                output = output.detach().requires_grad_()
             self.captured[lid] = (inputs[0].detach(), output)
             # the rest of the network gets a copy, so an in-place op after the layer (ReLU(inplace=True)) cannot
             # turn the captured tensor into another one
@@ -130,7 +138,11 @@ class _Collector:
         try:
             total, n, k = None, 0, None
             for batch in loader:
-                x = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device)
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                if not isinstance(x, Tensor):
+                    raise ValueError(f"clfast.fisher: batches must be tensors or (inputs, ...) sequences, got a "
+                                     f"{type(x).__name__}")
+                x = x.to(device)
                 xs, gys, k_batch = self._output_grads(x)
                 if k is not None and k_batch != k:
                     raise ValueError(f"clfast.fisher: the model gives {k + 1} logits on one batch, {k_batch + 1} on "
@@ -155,6 +167,8 @@ class _Collector:
         self.captured = {}
         with torch.enable_grad():
             logits = self.layers.model(x)
+        if not isinstance(logits, Tensor):
+            raise ValueError(f"clfast.fisher: the model must return a logits tensor, got a {type(logits).__name__}")
         if logits.dim() != 2 or logits.shape[1] < 2:
             raise ValueError(f"clfast.fisher: classif_logits needs logits [batch, classes >= 2], got "
                              f"{list(logits.shape)}")
@@ -163,7 +177,7 @@ class _Collector:
         w = whitening(logits.detach())  # [K, B, C]
         k, b = w.shape[0], w.shape[1]
         if self.batched:
-            lids = self._differentiable()
+            lids = self._differentiable(b)
             try:
                 grads = torch.autograd.grad(logits, [self.captured[lid][1] for lid in lids], w,
                                             is_grads_batched=True, allow_unused=True)
@@ -172,6 +186,8 @@ class _Collector:
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError as exc:
+                if "vmap" not in str(exc) and "batching rule" not in str(exc).lower():
+                    raise
                 warnings.warn(f"clfast.fisher: the model's backward does not run under vmap ({exc}); the batch is "
                               "replicated once per whitened output instead", RuntimeWarning)
                 self.batched = False
@@ -179,15 +195,22 @@ class _Collector:
         self.captured = {}
         with torch.enable_grad():
             logits = self.layers.model(x.repeat(k, *([1] * (x.dim() - 1))))
-        lids = self._differentiable()
+        lids = self._differentiable(k * b)
         grads = torch.autograd.grad(logits, [self.captured[lid][1] for lid in lids], w.reshape(k * b, -1),
                                     allow_unused=True)
         return ({lid: self.captured[lid][0][:b] for lid in lids},
                 {lid: g.reshape(k, b, *g.shape[1:]).transpose(0, 1) for lid, g in zip(lids, grads) if g is not None},
                 k)
 
-    def _differentiable(self) -> List[str]:
-        """The captured layers whose output has a gradient (the others add nothing, as in nngeometry)."""
+    def _differentiable(self, rows: int) -> List[str]:
+        """The captured layers whose output has a gradient (the others add nothing, as in nngeometry). Each must
+        see one row per example: a layer on another first dimension (a constant input, tokens folded into the
+        batch) would have its per-example gradients summed."""
+        for lid, (inp, out) in self.captured.items():
+            if inp.shape[0] != rows or out.shape[0] != rows:
+                raise ValueError(f"clfast.fisher: layer '{lid}' sees input {list(inp.shape)} and output "
+                                 f"{list(out.shape)} for a batch of {rows}; per-example gradients need the examples "
+                                 "on the first dimension of every layer")
         return [lid for lid, (_, out) in self.captured.items() if out.requires_grad]
 
     # -- one batch -----------------------------------------------------------------------------------------------

@@ -48,8 +48,9 @@ def fim(model: nn.Module, loader, representation, variant: str, device, layer_co
         q = (1 - p.cumsum(dim=1)).clamp_min(0)
         prev = torch.cat([torch.ones_like(q[:, :1]), q[:, :-2]], dim=1)
         scale = (p[:, :-1] * q[:, :-1] / prev.clamp_min(torch.finfo(p.dtype).tiny)).clamp_min(0)
-        tri = torch.tril(torch.ones(logits.shape[1], logits.shape[1], device=logits.device), diagonal=-1)
-        x_p = torch.mm(logits * p, tri)[:, :-1] / (q[:, :-1] + torch.finfo().eps)
+        tri = torch.tril(torch.ones(logits.shape[1], logits.shape[1], dtype=logits.dtype, device=logits.device),
+                         diagonal=-1)
+        x_p = torch.mm(logits * p, tri)[:, :-1] / (q[:, :-1] + torch.finfo(p.dtype).eps)
         return (logits[:, :-1] - x_p) * scale ** 0.5
 
     return FIM(model, loader, representation, variant="regression", device=device, function=whitened,

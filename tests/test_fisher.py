@@ -228,3 +228,58 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"inputs \[batch, features\]"):
         fisher(sequence, [(torch.randn(2, 3, 12),)])
     assert not sequence[0]._forward_hooks and sequence.training and model.training
+
+
+class _ConstantBranch(nn.Module):
+    """A layer fed by a constant [1, 12] row: its first dimension is not the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.const, self.out = nn.Linear(12, 12), nn.Linear(12, 12), nn.Linear(12, 4)
+        self.register_buffer("row", torch.randn(1, 12))
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.lin(x) + self.const(self.row)))
+
+
+class _Tuple(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(12, 4)
+
+    def forward(self, x):
+        return self.lin(x), x
+
+
+def test_more_bad_input_raises_value_errors():
+    loader = _loader("mlp")
+    for chunk in (2.0, float("inf")):
+        with pytest.raises(ValueError, match="chunk_size"):
+            fisher(_model("mlp"), loader, chunk_size=chunk)
+    for rep in ("diag", "dense"):
+        with pytest.raises(ValueError, match="first dimension"):
+            fisher(_ConstantBranch(), loader, rep)
+    with pytest.raises(ValueError, match="logits tensor"):
+        fisher(_Tuple(), loader)
+    with pytest.raises(ValueError, match="batches must be tensors"):
+        fisher(_model("mlp"), [{"x": torch.randn(4, 12)}])
+
+
+def test_frozen_first_layer_on_an_input_without_gradient():
+    """Integer images cast inside the model and a frozen first layer: its output has no gradient, yet its
+    parameters have a Fisher, as nngeometry computes it from float inputs."""
+    class Cast(nn.Module):
+        def forward(self, x):
+            return x.to(torch.get_default_dtype()) / 4
+
+    model = _model("mlp")
+    model[0].requires_grad_(False)
+    wrapped = nn.Sequential(Cast(), *model)
+    torch.manual_seed(2)
+    x = torch.randint(0, 8, (20, 12))
+    y = torch.zeros(20, dtype=torch.long)
+    ref = FIM(wrapped, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x.double(), y), batch_size=7),
+              PMatDiag)
+    got = fisher(wrapped, [(x[:7], y[:7]), (x[7:14], y[7:14]), (x[14:], y[14:])], "diag")
+    assert float(got.get_diag()[:12 * 16].sum()) > 0
+    torch.testing.assert_close(got.get_diag(), ref.get_diag(), rtol=1e-6, atol=1e-12)
