@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,8 @@ __all__ = ["fisher"]
 REPRESENTATIONS = ("diag", "kfac", "dense", "blockdiag")
 VARIANTS = ("classif_logits", "empirical")
 _CHUNK_BYTES = 256 * 2 ** 20  # default bound of a [examples, outputs, parameters] buffer of per-example gradients
+# bound of a group of whitened outputs' layer-output gradients: the backward's own intermediates add a few times that
+_GROUP_BYTES = 64 * 2 ** 20
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
@@ -47,8 +49,8 @@ def fisher(model: nn.Module, loader: Iterable, representation: Union[str, type] 
 
     The sum over the loader is divided by the number of examples seen (nngeometry divides by
     ``len(loader.sampler)``, which differs with ``drop_last``). BatchNorm uses the module's ``eps`` (nngeometry
-    1e-5). Memory: the batched backward holds the output gradients of every layer for all ``classes - 1`` whitened
-    outputs of a batch at once; lower the batch size for models with many classes.
+    1e-5). Memory: the batched backward takes the ``classes - 1`` whitened outputs in groups whose output
+    gradients (of every layer) fit in about 64 MB, at least one output at a time.
 
     Returns:
         nngeometry's ``PMatDiag``, ``PMatKFAC``, ``PMatDense`` or ``PMatBlockDiag``, laid out as nngeometry's.
@@ -143,13 +145,13 @@ class _Collector:
                     raise ValueError(f"clfast.fisher: batches must be tensors or (inputs, ...) sequences, got a "
                                      f"{type(x).__name__}")
                 x = x.to(device)
-                xs, gys, k_batch = self._output_grads(x)
-                if k is not None and k_batch != k:
-                    raise ValueError(f"clfast.fisher: the model gives {k + 1} logits on one batch, {k_batch + 1} on "
-                                     "another")
-                k = k_batch
-                part = self._batch(xs, gys, k)
-                total = part if total is None else _add(total, part)
+                for xs, gys, k_batch, first in self._output_grads(x):
+                    if k is not None and k_batch != k:
+                        raise ValueError(f"clfast.fisher: the model gives {k + 1} logits on one batch, {k_batch + 1} "
+                                         "on another")
+                    k = k_batch
+                    part = self._batch(xs, gys, first)
+                    total = part if total is None else _add(total, part)
                 n += x.shape[0]
         finally:
             for h in handles:
@@ -159,9 +161,11 @@ class _Collector:
             raise ValueError("clfast.fisher: the loader gave no examples")
         return self._finish(total, n, k)
 
-    def _output_grads(self, x: Tensor) -> Tuple[Dict[str, Tensor], Dict[str, Tensor], int]:
-        """Per layer: its input ``[B, ...]`` and the gradients ``[B, K, ...]`` of the K whitened outputs summed
-        over the batch with respect to its output, which per example are that example's own (eval mode)."""
+    def _output_grads(self, x: Tensor) -> Iterator[Tuple[Dict[str, Tensor], Dict[str, Tensor], int, bool]]:
+        """Per layer: its input ``[B, ...]`` and the gradients ``[B, k, ...]`` of whitened outputs summed over the
+        batch with respect to its output, which per example are that example's own (eval mode); with K, and
+        whether this is the batch's first group of outputs. The K outputs come in groups whose gradients fit in
+        about ``_GROUP_BYTES``, so memory does not grow with the number of classes."""
         if x.is_floating_point():  # so that every layer output requires grad, even with frozen parameters
             x = x.detach().requires_grad_()
         self.captured = {}
@@ -178,11 +182,17 @@ class _Collector:
         k, b = w.shape[0], w.shape[1]
         if self.batched:
             lids = self._differentiable(b)
+            outs = [self.captured[lid][1] for lid in lids]
+            xs = {lid: self.captured[lid][0] for lid in lids}
+            step = max(1, min(k, _GROUP_BYTES // max(1, sum(o.numel() * o.element_size() for o in outs))))
+
+            def grads(k0: int) -> Dict[str, Tensor]:
+                k1 = min(k, k0 + step)
+                g = torch.autograd.grad(logits, outs, w[k0:k1], is_grads_batched=True, allow_unused=True,
+                                        retain_graph=k1 < k)
+                return {lid: t.transpose(0, 1) for lid, t in zip(lids, g) if t is not None}
             try:
-                grads = torch.autograd.grad(logits, [self.captured[lid][1] for lid in lids], w,
-                                            is_grads_batched=True, allow_unused=True)
-                return ({lid: self.captured[lid][0] for lid in lids},
-                        {lid: g.transpose(0, 1) for lid, g in zip(lids, grads) if g is not None}, k)
+                first = grads(0)
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError as exc:
@@ -191,6 +201,11 @@ class _Collector:
                 warnings.warn(f"clfast.fisher: the model's backward does not run under vmap ({exc}); the batch is "
                               "replicated once per whitened output instead", RuntimeWarning)
                 self.batched = False
+            else:
+                yield xs, first, k, True
+                for k0 in range(step, k, step):
+                    yield xs, grads(k0), k, False
+                return
         # fallback: one forward and backward of the batch repeated K times, replica k carrying output k
         self.captured = {}
         with torch.enable_grad():
@@ -198,9 +213,9 @@ class _Collector:
         lids = self._differentiable(k * b)
         grads = torch.autograd.grad(logits, [self.captured[lid][1] for lid in lids], w.reshape(k * b, -1),
                                     allow_unused=True)
-        return ({lid: self.captured[lid][0][:b] for lid in lids},
-                {lid: g.reshape(k, b, *g.shape[1:]).transpose(0, 1) for lid, g in zip(lids, grads) if g is not None},
-                k)
+        yield ({lid: self.captured[lid][0][:b] for lid in lids},
+               {lid: g.reshape(k, b, *g.shape[1:]).transpose(0, 1) for lid, g in zip(lids, grads) if g is not None},
+               k, True)
 
     def _differentiable(self, rows: int) -> List[str]:
         """The captured layers whose output has a gradient (the others add nothing, as in nngeometry). Each must
@@ -214,14 +229,15 @@ class _Collector:
         return [lid for lid, (_, out) in self.captured.items() if out.requires_grad]
 
     # -- one batch -----------------------------------------------------------------------------------------------
-    def _batch(self, xs: Dict[str, Tensor], gys: Dict[str, Tensor], k: int):
+    def _batch(self, xs: Dict[str, Tensor], gys: Dict[str, Tensor], first: bool):
         live = [lid for lid in self.lids if lid in gys]  # a layer the logits do not depend on adds nothing
         if not live:
             return {}
+        k = gys[live[0]].shape[1]
         if self.rep == "diag":
             return {lid: self._diag(lid, xs[lid], gys[lid]) for lid in live}
         if self.rep == "kfac":
-            return {lid: self._kfac(lid, xs[lid], gys[lid]) for lid in live}
+            return {lid: self._kfac(lid, xs[lid], gys[lid], first) for lid in live}
         if self.rep == "blockdiag":
             out: Dict[str, Tensor] = {}
             for lid in live:
@@ -275,9 +291,10 @@ class _Collector:
         return sum((j * j).sum(0) for j in (self._per_example(lid, x[sl], gy[sl])
                                             for sl in self._chunks(x.shape[0], gy.shape[1], self.numel[lid], x.dtype)))
 
-    def _kfac(self, lid: str, x: Tensor, gy: Tensor) -> Tuple[Tensor, Tensor]:
-        """nngeometry's sums: A = sum over examples (and locations) of x x^T, with a 1 appended for the bias;
-        G = sum over outputs and examples of g g^T, divided by the number of locations for a convolution."""
+    def _kfac(self, lid: str, x: Tensor, gy: Tensor, first: bool) -> Tuple[Tensor, Tensor]:
+        """nngeometry's sums: A = sum over examples (and locations) of x x^T, with a 1 appended for the bias (once
+        per batch: ``first``); G = sum over outputs and examples of g g^T, divided by the number of locations for a
+        convolution."""
         mod = self.layers.modules[lid]
         if isinstance(mod, nn.Conv2d):
             cols = _unfold(mod, x)
@@ -287,6 +304,8 @@ class _Collector:
             g = g.transpose(2, 3).reshape(-1, g.shape[2])
         else:
             a, g, locations = _flat(lid, x), gy.transpose(0, 1).reshape(-1, gy.shape[2]), 1  # rows in any order
+        if not first:
+            return a.new_zeros(()), g.t() @ g / locations
         if mod.bias is not None:
             a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
         return a.t() @ a, g.t() @ g / locations

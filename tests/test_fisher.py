@@ -283,3 +283,16 @@ def test_frozen_first_layer_on_an_input_without_gradient():
     got = fisher(wrapped, [(x[:7], y[:7]), (x[7:14], y[7:14]), (x[14:], y[14:])], "diag")
     assert float(got.get_diag()[:12 * 16].sum()) > 0
     torch.testing.assert_close(got.get_diag(), ref.get_diag(), rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("rep", list(CLASSES))
+def test_outputs_and_examples_in_small_groups_give_the_same_fisher(rep, monkeypatch):
+    """A tiny memory bound: one whitened output per backward and one example per chunk."""
+    import clfast._fisher as impl
+
+    model = _model("basenet")
+    expected = fisher(model, _loader("basenet"), rep)
+    monkeypatch.setattr(impl, "_CHUNK_BYTES", 1)
+    monkeypatch.setattr(impl, "_GROUP_BYTES", 1)
+    got = fisher(model, _loader("basenet"), rep)
+    torch.testing.assert_close(got.to_torch(), expected.to_torch(), rtol=1e-10, atol=1e-14)
