@@ -1,6 +1,6 @@
-"""The Fisher of an MLP 784-400-400-10 on 2,000 examples in batches of 200: nngeometry 0.4's ``FIM``
-(classif_logits, one backward per class) vs ``clfast.fisher`` (one batched backward per batch), diagonal and
-KFAC; and BackPACK's ``DiagGGNExact`` (the same diagonal for softmax cross-entropy) where it is installed."""
+"""The Fisher of an MLP 784-400-400-10 and of Base_Net on 2,000 examples in batches of 200: nngeometry 0.4's
+``FIM`` (classif_logits, one backward per class) vs ``clfast.fisher`` (one batched backward per batch), diagonal
+and KFAC; and on the MLP BackPACK's ``DiagGGNExact`` (the same diagonal for softmax cross-entropy)."""
 import copy
 
 import pytest
@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import clfast
+from clfast.experiments.models import BaseNet
 from clfast_testing import measure
 
 pytest.importorskip("nngeometry")
@@ -19,22 +20,34 @@ pytestmark = pytest.mark.benchmark(min_rounds=3, max_time=2.0, warmup=True, warm
 _CACHE = {}
 
 
-def _setup(device):
-    if device not in _CACHE:
+def _setup(device, kind="mlp"):
+    if (device, kind) not in _CACHE:
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(784, 400), nn.ReLU(), nn.Linear(400, 400), nn.ReLU(),
-                              nn.Linear(400, 10)).to(device).eval()
-        ds = torch.utils.data.TensorDataset(torch.rand(2000, 784, device=device),
-                                            torch.randint(0, 10, (2000,), device=device))
-        _CACHE[device] = model, torch.utils.data.DataLoader(ds, batch_size=200)
-    return _CACHE[device]
+        if kind == "mlp":
+            model = nn.Sequential(nn.Linear(784, 400), nn.ReLU(), nn.Linear(400, 400), nn.ReLU(), nn.Linear(400, 10))
+        else:
+            model = BaseNet(num_classes=10)
+        ds = torch.utils.data.TensorDataset(torch.rand(2000, *((784,) if kind == "mlp" else (1, 28, 28)),
+                                                       device=device), torch.randint(0, 10, (2000,), device=device))
+        _CACHE[device, kind] = model.to(device).eval(), torch.utils.data.DataLoader(ds, batch_size=200)
+    return _CACHE[device, kind]
 
 
-def _backpack_diag(model, loader):
-    from backpack import backpack, extend
+def _backpack(device):
+    """The benchmark's model extended for BackPACK once, outside the timed rounds."""
+    from backpack import extend
+
+    key = ("backpack", device)
+    if key not in _CACHE:
+        model, _ = _setup(device)
+        _CACHE[key] = extend(copy.deepcopy(model)), extend(nn.CrossEntropyLoss(reduction="sum"))
+    return _CACHE[key]
+
+
+def _backpack_diag(extended, loss_fn, loader):
+    from backpack import backpack
     from backpack.extensions import DiagGGNExact
 
-    extended, loss_fn = extend(copy.deepcopy(model)), extend(nn.CrossEntropyLoss(reduction="sum"))
     total = None
     for x, y in loader:
         extended.zero_grad()
@@ -47,12 +60,17 @@ def _backpack_diag(model, loader):
 
 @pytest.mark.parametrize("impl", ["nngeometry", "clfast", "backpack"])
 @pytest.mark.parametrize("rep", ["diag", "kfac"])
-def test_fisher(benchmark, device, rep, impl):
-    model, loader = _setup(device)
+@pytest.mark.parametrize("kind", ["mlp", "basenet"])
+def test_fisher(benchmark, device, kind, rep, impl):
+    model, loader = _setup(device, kind)
     if impl == "backpack":
         if rep != "diag":
             pytest.skip("BackPACK's KFAC is a Monte-Carlo estimate, not this Fisher")
+        if kind != "mlp":
+            pytest.skip("BackPACK's second-order extensions need a Sequential of modules; Base_Net's forward "
+                        "reuses one ReLU and reshapes between modules")
         pytest.importorskip("backpack")
+        extended, loss_fn = _backpack(device)
     cls = {"diag": PMatDiag, "kfac": PMatKFAC}[rep]
 
     def step():
@@ -61,7 +79,8 @@ def test_fisher(benchmark, device, rep, impl):
         elif impl == "clfast":
             clfast.fisher(model, loader, rep)
         else:
-            _backpack_diag(model, loader)
+            _backpack_diag(extended, loss_fn, loader)
 
-    measure(benchmark, step, device, f"Fisher {rep}, MLP 784-400-400-10, 2000 examples",
-            f"test_fisher[{device}-{rep}-nngeometry]")
+    name = "MLP 784-400-400-10" if kind == "mlp" else "Base_Net"
+    measure(benchmark, step, device, f"Fisher {rep}, {name}, 2000 examples",
+            f"test_fisher[{device}-{kind}-{rep}-nngeometry]")

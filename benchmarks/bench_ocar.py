@@ -2,7 +2,9 @@
 
 * ``test_kfac_solve``: preconditioning the gradient, nngeometry's ``F.solve`` (a least-squares solve per layer
   per call) vs clfast's exact mode (damped inverses + ``kron_mv``) vs ema mode (``kron_mv`` on cached inverses);
-* ``test_step``: the nngeometry OCAR step (three nngeometry Fishers, solve, list buffer) vs an OCAR ema step."""
+* ``test_step``: the nngeometry OCAR step (three nngeometry Fishers, solve, list buffer) vs OCAR's exact step with
+  its Fisher from nngeometry's ``FIM`` (``fisher_backend="nngeometry"``) or from ``clfast.fisher`` (the default),
+  and vs an OCAR ema step."""
 import pytest
 import torch
 from torch import nn
@@ -51,7 +53,7 @@ def test_kfac_solve(benchmark, device, impl):
     measure(benchmark, step, device, "OCAR KFAC solve, Base_Net", f"test_kfac_solve[{device}-nngeometry]")
 
 
-@pytest.mark.parametrize("impl", ["seed_ours", "clfast_ema"])
+@pytest.mark.parametrize("impl", ["seed_ours", "clfast_exact_nngeometry", "clfast_exact", "clfast_ema"])
 def test_step(benchmark, device, impl):
     torch.manual_seed(0)
     model = BaseNet(num_classes=30).to(device)
@@ -64,8 +66,12 @@ def test_step(benchmark, device, impl):
     else:
         buf = clfast.ReservoirBuffer(1000, device=device, generator=torch.Generator(device=device).manual_seed(0))
         buf.add(*_data(device, 1000, 1))
-        ocar = clfast.OCAR(model, buf, opt, "kfac", fisher="ema", refresh=10,
-                           generator=torch.Generator(device=device).manual_seed(0))
+        if impl == "clfast_ema":
+            ocar = clfast.OCAR(model, buf, opt, "kfac", fisher="ema", refresh=10,
+                               generator=torch.Generator(device=device).manual_seed(0))
+        else:
+            ocar = clfast.OCAR(model, buf, opt, "kfac", fisher="exact",
+                               fisher_backend="nngeometry" if impl == "clfast_exact_nngeometry" else "clfast")
         step = lambda: ocar.step(x, y)  # noqa: E731
 
     measure(benchmark, step, device, "OCAR training step, Base_Net, 256 + 256 replayed",

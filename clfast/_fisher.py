@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import ops
 from ._nngeometry import Layers, empirical_fisher, generator, pmat_classes, representation_name
 
-__all__ = ["fisher"]
+__all__ = ["fisher", "FISHER_BACKENDS"]
 
 REPRESENTATIONS = ("diag", "kfac", "dense", "blockdiag")
 VARIANTS = ("classif_logits", "empirical")
@@ -66,7 +67,9 @@ def fisher(model: nn.Module, loader: Iterable, representation: Union[str, type] 
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     layers = Layers(model, layer_collection, "clfast.fisher", kronecker=rep == "kfac")
-    _check_modules(layers)
+    reason = unsupported(layers, rep, variant)
+    if reason is not None:
+        raise ValueError(reason)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     modes = [(m, m.training) for m in model.modules()]  # restored one by one: a model may mix modes
     model.eval()  # nngeometry's BatchNorm Jacobians need eval mode; no dropout in a Fisher either
@@ -80,19 +83,41 @@ def fisher(model: nn.Module, loader: Iterable, representation: Union[str, type] 
     return pmat_classes()[rep](generator=generator(layers), data=data)
 
 
-def _check_modules(layers: Layers) -> None:
+FISHER_BACKENDS = ("auto", "clfast", "nngeometry")
+
+
+def unsupported(layers: Layers, representation: str, variant: str) -> Optional[str]:
+    """Why :func:`fisher` cannot compute this Fisher (nngeometry's ``FIM`` then can), or None."""
+    if representation not in REPRESENTATIONS:
+        return f"clfast.fisher computes representations {REPRESENTATIONS}, not {representation!r}"
+    if variant not in VARIANTS:
+        return f"clfast.fisher computes variants {VARIANTS}, not {variant!r}"
     for lid, mod in layers.modules.items():
         if isinstance(mod, nn.Conv2d):
             if mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
-                raise ValueError(f"clfast.fisher: Conv2d '{lid}' needs groups=1, padding_mode='zeros' and numeric "
-                                 "padding (its per-example gradients are taken by im2col)")
+                return (f"clfast.fisher: Conv2d '{lid}' needs groups=1, padding_mode='zeros' and numeric padding "
+                        "(its per-example gradients are taken by im2col)")
         elif isinstance(mod, _BATCH_NORMS):
             if mod.weight is None or mod.running_mean is None:
-                raise ValueError(f"clfast.fisher: BatchNorm '{lid}' needs affine=True and track_running_stats=True "
-                                 "(in eval mode it then normalises each example by its running statistics)")
+                return (f"clfast.fisher: BatchNorm '{lid}' needs affine=True and track_running_stats=True (in eval "
+                        "mode it then normalises each example by its running statistics)")
         elif type(mod) is not nn.Linear:
-            raise ValueError(f"clfast.fisher: layer '{lid}' is a {type(mod).__name__}; only Linear, Conv2d and "
-                             "BatchNorm1d/2d layers are supported (pass layer_collection= without it)")
+            return (f"clfast.fisher: layer '{lid}' is a {type(mod).__name__}; only Linear, Conv2d and BatchNorm1d/2d "
+                    "layers are supported (pass layer_collection= without it)")
+    return None
+
+
+def use_clfast(fisher_backend: str, layers: Layers, representation: str, variant: str, who: str) -> bool:
+    """Whether ``who`` (EWC, OCAR) computes its Fisher with :func:`fisher` (True) or nngeometry's ``FIM``:
+    ``"auto"`` takes clfast.fisher wherever it computes this Fisher, ``"clfast"`` insists on it."""
+    if fisher_backend not in FISHER_BACKENDS:
+        raise ValueError(f"{who}: fisher_backend must be one of {FISHER_BACKENDS}, got {fisher_backend!r}")
+    if fisher_backend == "nngeometry":
+        return False
+    reason = unsupported(layers, representation, variant)
+    if reason is not None and fisher_backend == "clfast":
+        raise ValueError(f"{who}: {reason}; use fisher_backend='nngeometry' (or 'auto')")
+    return reason is None
 
 
 def whitening(logits: Tensor) -> Tensor:
@@ -119,6 +144,7 @@ class _Collector:
         self.lids = list(layers.modules)
         self.numel = {lid: layer.numel() for lid, layer in layers.collection.layers.items()}
         self.captured: Dict[str, Tuple[Tensor, Tensor]] = {}
+        self.total: Dict[Any, Tensor] = {}  # the sums over the loader, by layer (and factor)
         self.batched = True  # is_grads_batched, until a module's backward refuses vmap
 
     def _hook(self, lid: str):
@@ -138,7 +164,8 @@ class _Collector:
     def run(self, loader: Iterable, device: torch.device):
         handles = [self.layers.modules[lid].register_forward_hook(self._hook(lid)) for lid in self.lids]
         try:
-            total, n, k = None, 0, None
+            self.total = {}
+            n, k = 0, None
             for batch in loader:
                 x = batch[0] if isinstance(batch, (tuple, list)) else batch
                 if not isinstance(x, Tensor):
@@ -150,8 +177,7 @@ class _Collector:
                         raise ValueError(f"clfast.fisher: the model gives {k + 1} logits on one batch, {k_batch + 1} "
                                          "on another")
                     k = k_batch
-                    part = self._batch(xs, gys, first)
-                    total = part if total is None else _add(total, part)
+                    self._batch(xs, gys, first)
                 n += x.shape[0]
         finally:
             for h in handles:
@@ -159,7 +185,7 @@ class _Collector:
             self.captured = {}
         if not n or k is None:
             raise ValueError("clfast.fisher: the loader gave no examples")
-        return self._finish(total, n, k)
+        return self._finish(n, k)
 
     def _output_grads(self, x: Tensor) -> Iterator[Tuple[Dict[str, Tensor], Dict[str, Tensor], int, bool]]:
         """Per layer: its input ``[B, ...]`` and the gradients ``[B, k, ...]`` of whitened outputs summed over the
@@ -228,31 +254,36 @@ class _Collector:
                                  "on the first dimension of every layer")
         return [lid for lid, (_, out) in self.captured.items() if out.requires_grad]
 
-    # -- one batch -----------------------------------------------------------------------------------------------
-    def _batch(self, xs: Dict[str, Tensor], gys: Dict[str, Tensor], first: bool):
+    # -- one batch: every statistic is summed in place into self.total ------------------------------------------
+    def _acc(self, key, shape: Tuple[int, ...], like: Tensor) -> Tensor:
+        if key not in self.total:
+            self.total[key] = like.new_zeros(shape)
+        return self.total[key]
+
+    def _batch(self, xs: Dict[str, Tensor], gys: Dict[str, Tensor], first: bool) -> None:
         live = [lid for lid in self.lids if lid in gys]  # a layer the logits do not depend on adds nothing
         if not live:
-            return {}
+            return
         k = gys[live[0]].shape[1]
         if self.rep == "diag":
-            return {lid: self._diag(lid, xs[lid], gys[lid]) for lid in live}
-        if self.rep == "kfac":
-            return {lid: self._kfac(lid, xs[lid], gys[lid], first) for lid in live}
-        if self.rep == "blockdiag":
-            out: Dict[str, Tensor] = {}
             for lid in live:
+                self._diag(lid, xs[lid], gys[lid])
+        elif self.rep == "kfac":
+            for lid in live:
+                self._kfac(lid, xs[lid], gys[lid], first)
+        elif self.rep == "blockdiag":
+            for lid in live:
+                acc = self._acc(lid, (self.numel[lid],) * 2, gys[lid])
                 for sl in self._chunks(xs[lid].shape[0], k, self.numel[lid], xs[lid].dtype):
-                    j = self._per_example(lid, xs[lid][sl], gys[lid][sl])
-                    out[lid] = j.t() @ j if lid not in out else out[lid].addmm_(j.t(), j)
-            return out
-        b, dtype = gys[live[0]].shape[0], gys[live[0]].dtype  # dense: every layer's per-example columns side by side
-        dense = None
-        for sl in self._chunks(b, k, sum(self.numel.values()), dtype):
-            rows = k * gys[live[0]][sl].shape[0]
-            j = torch.cat([self._per_example(lid, xs[lid][sl], gys[lid][sl]) if lid in gys else
-                           gys[live[0]].new_zeros(rows, self.numel[lid]) for lid in self.lids], dim=1)
-            dense = j.t() @ j if dense is None else dense.addmm_(j.t(), j)
-        return {"dense": dense}
+                    ops.fisher_factor_(acc, self._per_example(lid, xs[lid][sl], gys[lid][sl]), 1.0, False)
+        else:  # dense: every layer's per-example columns side by side
+            b, size = gys[live[0]].shape[0], sum(self.numel.values())
+            acc = self._acc("dense", (size, size), gys[live[0]])
+            for sl in self._chunks(b, k, size, acc.dtype):
+                rows = k * gys[live[0]][sl].shape[0]
+                j = torch.cat([self._per_example(lid, xs[lid][sl], gys[lid][sl]) if lid in gys else
+                               acc.new_zeros(rows, self.numel[lid]) for lid in self.lids], dim=1)
+                ops.fisher_factor_(acc, j, 1.0, False)
 
     def _chunks(self, b: int, k: int, numel: int, dtype: torch.dtype):
         size = self.chunk_size or max(1, _CHUNK_BYTES // (k * numel * torch.finfo(dtype).bits // 8))
@@ -267,7 +298,7 @@ class _Collector:
             gb = gy
         elif isinstance(mod, nn.Conv2d):
             g = gy.reshape(b, k * gy.shape[2], -1)  # [b, K * out, locations]
-            gw = torch.bmm(g, _unfold(mod, x).transpose(1, 2))  # sum over locations of gy x^T
+            gw = torch.bmm(g, _patches(mod, x))  # sum over locations of gy x^T
             gb = g.sum(2)
         else:
             gw = gy * _normalised(mod, x)[:, None]
@@ -281,36 +312,29 @@ class _Collector:
     def _has_bias(self, lid: str) -> bool:
         return self.layers.modules[lid].bias is not None
 
-    def _diag(self, lid: str, x: Tensor, gy: Tensor) -> Tensor:
+    def _diag(self, lid: str, x: Tensor, gy: Tensor) -> None:
         mod = self.layers.modules[lid]
-        if isinstance(mod, nn.Linear):  # sum_{i,k} gy_ik^2 x_i^2 = (sum_k gy_k^2)^T x^2: one GEMM
-            g2 = (gy * gy).sum(1)
-            x = _flat(lid, x)
-            parts = [(g2.t() @ (x * x)).reshape(-1)] + ([g2.sum(0)] if mod.bias is not None else [])
-            return torch.cat(parts)
-        return sum((j * j).sum(0) for j in (self._per_example(lid, x[sl], gy[sl])
-                                            for sl in self._chunks(x.shape[0], gy.shape[1], self.numel[lid], x.dtype)))
+        acc = self._acc(lid, (self.numel[lid],), gy)
+        if isinstance(mod, nn.Linear):  # sum_{i,k} gy_ik^2 x_i^2 = (sum_k gy_k^2)^T x^2: one fused GEMM
+            ops.fisher_diag_(acc, _flat(lid, x), gy, mod.bias is not None)
+            return
+        for sl in self._chunks(x.shape[0], gy.shape[1], self.numel[lid], x.dtype):
+            j = self._per_example(lid, x[sl], gy[sl])
+            acc.add_((j * j).sum(0))
 
-    def _kfac(self, lid: str, x: Tensor, gy: Tensor, first: bool) -> Tuple[Tensor, Tensor]:
+    def _kfac(self, lid: str, x: Tensor, gy: Tensor, first: bool) -> None:
         """nngeometry's sums: A = sum over examples (and locations) of x x^T, with a 1 appended for the bias (once
         per batch: ``first``); G = sum over outputs and examples of g g^T, divided by the number of locations for a
         convolution."""
         mod = self.layers.modules[lid]
-        if isinstance(mod, nn.Conv2d):
-            cols = _unfold(mod, x)
-            a = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-            g = gy.reshape(*gy.shape[:3], -1)
-            locations = g.shape[3]
-            g = g.transpose(2, 3).reshape(-1, g.shape[2])
-        else:
-            a, g, locations = _flat(lid, x), gy.transpose(0, 1).reshape(-1, gy.shape[2]), 1  # rows in any order
-        if not first:
-            return a.new_zeros(()), g.t() @ g / locations
-        if mod.bias is not None:
-            a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
-        return a.t() @ a, g.t() @ g / locations
+        size_a = mod.weight[0].numel() + (mod.bias is not None)
+        a = self._acc((lid, "a"), (size_a, size_a), gy) if first else None
+        add_kfac_factors_(a, self._acc((lid, "g"), (gy.shape[2],) * 2, gy), mod,
+                          _flat(lid, x) if isinstance(mod, nn.Linear) else x,
+                          gy.transpose(0, 1).flatten(0, 1), 1.0, 1.0)  # [K * B, out, ...]: rows in any order
 
-    def _finish(self, total, n: int, k: int):
+    def _finish(self, n: int, k: int):
+        total = self.total
         if self.rep == "dense":
             size = sum(self.numel.values())
             mod = self.layers.modules[self.lids[0]]
@@ -320,7 +344,8 @@ class _Collector:
             w = self.layers.modules[lid].weight
             if self.rep == "kfac":
                 size_a = w[0].numel() + self._has_bias(lid)
-                a, g = total[lid] if lid in total else (w.new_zeros(size_a, size_a), w.new_zeros(len(w), len(w)))
+                a = total.get((lid, "a"), w.new_zeros(size_a, size_a))
+                g = total.get((lid, "g"), w.new_zeros(len(w), len(w)))
                 # nngeometry's scaling (torch_hooks.py get_kfac_blocks): A sqrt(K) / n, G / (sqrt(K) n)
                 out[lid] = (a * (math.sqrt(k) / n), g / (math.sqrt(k) * n))
             elif self.rep == "blockdiag":
@@ -330,15 +355,23 @@ class _Collector:
         return torch.cat([out[lid] for lid in self.lids]) if self.rep == "diag" else out
 
 
-def _add(total, part):
-    for key, value in part.items():
-        if key not in total:
-            total[key] = value
-        elif isinstance(value, tuple):
-            total[key] = tuple(t.add_(v) for t, v in zip(total[key], value))
-        else:
-            total[key] = total[key].add_(value)
-    return total
+def add_kfac_factors_(a: Optional[Tensor], g: Tensor, mod: nn.Module, x: Tensor, gy: Tensor, a_scale: float,
+                      g_scale: float) -> None:
+    """Sums one batch into a layer's KFAC factors, nngeometry's way: ``a += a_scale * sum x x^T`` over examples
+    (and a convolution's locations: im2col columns), a 1 appended for the bias (``a`` None: skipped);
+    ``g += g_scale * sum g g^T`` over the rows of ``gy [N, out, ...]``, divided by the number of locations for a
+    convolution. Both stay exactly symmetric."""
+    bias = mod.bias is not None
+    if isinstance(mod, nn.Conv2d):
+        if a is not None:
+            ops.fisher_factor_(a, _patches(mod, x).flatten(0, 1), a_scale, bias)
+        m = gy.reshape(*gy.shape[:2], -1)  # [N, out, locations]: one small product per row beats a transposed copy
+        gram = torch.bmm(m, m.mT).sum(0)
+        g.add_(gram + gram.mT, alpha=0.5 * g_scale / m.shape[2])
+        return
+    if a is not None:
+        ops.fisher_factor_(a, x.reshape(x.shape[0], -1), a_scale, bias)
+    ops.fisher_factor_(g, gy, g_scale, False)
 
 
 def _flat(lid: str, x: Tensor) -> Tensor:
@@ -348,9 +381,17 @@ def _flat(lid: str, x: Tensor) -> Tensor:
     return x
 
 
-def _unfold(mod: nn.Conv2d, x: Tensor) -> Tensor:
-    """im2col: ``[B, in * kh * kw, locations]``, in the order of ``weight[o].reshape(-1)``."""
-    return F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
+def _patches(mod: nn.Conv2d, x: Tensor) -> Tensor:
+    """im2col as ``[B, locations, in * kh * kw]``, each row in the order of ``weight[o].reshape(-1)``: one strided
+    copy of windows of the padded input (``F.unfold`` gives the same numbers, several hundred times slower on the
+    CPU at these sizes)."""
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = mod.kernel_size, mod.stride, mod.dilation, mod.padding
+    if ph or pw:
+        x = F.pad(x, (pw, pw, ph, ph))
+    # [B, C, oh, ow, window] per axis; every dilation-th element of a window is a tap
+    win = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)[..., ::dh, ::dw]
+    b, c, oh, ow = win.shape[:4]
+    return win.permute(0, 2, 3, 1, 4, 5).reshape(b, oh * ow, c * kh * kw)
 
 
 def _normalised(mod: "nn.modules.batchnorm._BatchNorm", x: Tensor) -> Tensor:

@@ -42,16 +42,11 @@ def fim(model: nn.Module, loader, representation, variant: str, device, layer_co
     if variant != "classif_logits":
         return FIM(model, loader, representation, variant=variant, device=device, layer_collection=layer_collection)
 
-    def whitened(*d):
+    from ._fisher import whitening
+
+    def whitened(*d):  # linear in the logits, with the whitening's Jacobian (p held constant)
         logits = model(d[0].to(device))
-        p = torch.softmax(logits, dim=1).detach()
-        q = (1 - p.cumsum(dim=1)).clamp_min(0)
-        prev = torch.cat([torch.ones_like(q[:, :1]), q[:, :-2]], dim=1)
-        scale = (p[:, :-1] * q[:, :-1] / prev.clamp_min(torch.finfo(p.dtype).tiny)).clamp_min(0)
-        tri = torch.tril(torch.ones(logits.shape[1], logits.shape[1], dtype=logits.dtype, device=logits.device),
-                         diagonal=-1)
-        x_p = torch.mm(logits * p, tri)[:, :-1] / (q[:, :-1] + torch.finfo(p.dtype).eps)
-        return (logits[:, :-1] - x_p) * scale ** 0.5
+        return torch.einsum("kbc,bc->bk", whitening(logits.detach()), logits)
 
     return FIM(model, loader, representation, variant="regression", device=device, function=whitened,
                layer_collection=layer_collection)

@@ -1,7 +1,8 @@
 """Elastic Weight Consolidation (Kirkpatrick et al., 2017) on nngeometry Fisher objects.
 
-The Fisher of each task is computed by nngeometry's ``FIM`` (any representation), or from squared minibatch
-gradients as Avalanche's ``EWCPlugin`` does (``variant="empirical"``); the penalty
+The Fisher of each task is nngeometry's ``FIM`` (any representation), computed by :func:`clfast.fisher` where it
+can and by nngeometry otherwise (``fisher_backend``), or comes from squared minibatch gradients as Avalanche's
+``EWCPlugin`` does (``variant="empirical"``); the penalty
 ``sum_t c_t (theta - theta_t)^T F_t (theta - theta_t)`` runs on fused ops: the diagonal one on SI's weighted
 squared distance (``si_penalty`` / ``si_penalty_grad_``), KFAC blocks and dense Fishers on ``kron_quadratic``
 (``<G V A, V>`` per block, keeping ``G V A`` for the backward) and ``kron_mv``. Block-diagonal and EKFAC Fishers use nngeometry's
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._fisher import fisher as clfast_fisher, use_clfast
 from ._nngeometry import REPRESENTATIONS, Layers, empirical_fisher, fim, generator, pmat_classes, representation_name
 
 __all__ = ["EWC"]
@@ -38,6 +40,11 @@ class EWC:
         loss_fn: the minibatch loss of the empirical Fisher, ``loss_fn(model(x), y)``.
         layer_collection: nngeometry ``LayerCollection`` restricting the parameters (default: the whole model).
         device: where Fishers are computed (default: the model's device).
+        fisher_backend: ``"auto"`` (default) computes the Fisher with :func:`clfast.fisher` (one batched backward
+            per batch, fused kernels) wherever it can: classif_logits diag, KFAC, dense and blockdiag on Linear,
+            Conv2d and BatchNorm layers; and with nngeometry's ``FIM`` otherwise (EKFAC, the other variants,
+            other layers). ``"clfast"`` insists on clfast.fisher (ValueError where it cannot), ``"nngeometry"``
+            always takes ``FIM``. Both give the same matrix (to rounding).
 
     Example::
 
@@ -49,7 +56,8 @@ class EWC:
 
     def __init__(self, model: nn.Module, representation: Union[str, type] = "diag", mode: str = "separate",
                  gamma: float = 1.0, variant: str = "classif_logits", layer_collection=None,
-                 device: Optional[Union[str, torch.device]] = None, loss_fn=F.cross_entropy) -> None:
+                 device: Optional[Union[str, torch.device]] = None, loss_fn=F.cross_entropy,
+                 fisher_backend: str = "auto") -> None:
         self.representation = representation_name(representation)
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -66,6 +74,9 @@ class EWC:
                              else f"EWC({self.representation!r})", kronecker=self.representation in ("kfac", "ekfac"))
         self.layer_collection = self.layers.collection
         self._rep = REPRESENTATIONS[self.representation]
+        self.fisher_backend = fisher_backend
+        self._clfast_fisher = variant != "empirical" and use_clfast(fisher_backend, self.layers, self.representation,
+                                                                      variant, "EWC")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.fishers: list = []          # nngeometry objects, one per task (separate) or per consolidation
         self._coef: List[float] = []     # c_t: 1 (separate) or gamma^(age) (online)
@@ -86,6 +97,9 @@ class EWC:
         try:
             if self.variant == "empirical":
                 fisher = empirical_fisher(self.layers, loader, self.representation, self.loss_fn, self.device)
+            elif self._clfast_fisher:
+                fisher = clfast_fisher(self.model, loader, self.representation, self.variant,
+                                       self.layers.collection, self.device)
             else:
                 fisher = fim(self.model, loader, rep, self.variant, self.device, self.layers.collection)
         finally:

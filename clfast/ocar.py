@@ -4,7 +4,8 @@
 Each :meth:`OCAR.step` trains on the current batch plus an equal-size sample of the buffer and replaces the
 gradient ``g`` by ``(F + damping I)^{-1} g``:
 
-* ``fisher="exact"``: ``F`` is nngeometry's FIM on that union batch, as the nngeometry OCAR step computes it;
+* ``fisher="exact"``: ``F`` is nngeometry's FIM on that union batch, as the nngeometry OCAR step computes it
+  (by :func:`clfast.fisher` where it can, by nngeometry otherwise: ``fisher_backend``);
   the solve follows nngeometry's conventions (KFAC's pi-damping
   ``(G + sqrt(d)/pi I)^{-1} V (A + sqrt(d) pi I)^{-1}``), so the result equals
   ``F.solve(PVector.from_model_grad(model), regul=damping)``.
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .buffer import ReservoirBuffer
+from ._fisher import add_kfac_factors_, fisher as clfast_fisher, use_clfast
 from ._nngeometry import Layers, fim, pmat_classes
 
 __all__ = ["OCAR"]
@@ -51,13 +53,16 @@ class OCAR:
         ema_decay, refresh: EMA decay of the factors, and how often (in steps) they are re-inverted.
         loss_fn: training loss ``loss_fn(model(x), y)``.
         generator: for the labels sampled in ema mode.
+        fisher_backend: who computes the exact mode's Fisher: ``"auto"`` (default) :func:`clfast.fisher` where it
+            can (Linear, Conv2d, BatchNorm layers) and nngeometry's ``FIM`` otherwise; ``"clfast"`` or
+            ``"nngeometry"`` to choose.
     """
 
     def __init__(self, model: nn.Module, buffer: ReservoirBuffer, optimizer: torch.optim.Optimizer,
                  representation: str = "kfac", damping: float = 1e-2, fisher: str = "exact",
                  ema_decay: float = 0.95, refresh: int = 10,
                  loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
-                 generator: Optional[torch.Generator] = None) -> None:
+                 generator: Optional[torch.Generator] = None, fisher_backend: str = "auto") -> None:
         if representation not in ("kfac", "diag", "dense"):
             raise ValueError(f"representation must be 'kfac', 'diag' or 'dense', got {representation!r}")
         if fisher not in ("exact", "ema"):
@@ -73,6 +78,8 @@ class OCAR:
         self.ema_decay, self.refresh, self.loss_fn, self.generator = float(ema_decay), int(refresh), loss_fn, generator
         self.layers = Layers(model, None, "OCAR" if representation != "kfac" else "OCAR('kfac')",
                              kronecker=representation == "kfac")
+        self.fisher_backend = fisher_backend
+        self._clfast_fisher = use_clfast(fisher_backend, self.layers, representation, "classif_logits", "OCAR")
         self.steps = 0
         self.factors: Dict[str, List[Tensor]] = {}   # layer id -> [A, G] (ema mode)
         self._inverses: Optional[Tuple[List[Tensor], List[Tensor]]] = None
@@ -181,9 +188,13 @@ class OCAR:
             return
         if x is None:
             raise ValueError("OCAR.precondition_: exact mode needs the batch (x, y) the Fisher is computed on")
-        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(x))
-        fisher = fim(self.model, loader, pmat_classes()[self.representation], "classif_logits", x.device,
-                     self.layers.collection)
+        if self._clfast_fisher:
+            fisher = clfast_fisher(self.model, [(x,)], self.representation, layer_collection=self.layers.collection,
+                                   device=x.device)
+        else:
+            loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(x))
+            fisher = fim(self.model, loader, pmat_classes()[self.representation], "classif_logits", x.device,
+                         self.layers.collection)
         if self.representation == "kfac":
             self._invert([fisher.data[lid] for lid in self.layers.modules])
             self._apply_kfac(*self._inverses)
@@ -221,18 +232,10 @@ class OCAR:
     def _batch_factors(self, lid: str, x: Tensor, gy: Tensor, n_out: int) -> Tuple[Tensor, Tensor]:
         """nngeometry's KFAC factors of one batch: A = sqrt(K) sum x x^T / n, G = sum g g^T / (sqrt(K) n)."""
         mod = self.layers.modules[lid]
-        n = x.shape[0]
-        if isinstance(mod, nn.Conv2d):
-            cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
-            x = cols.permute(0, 2, 1).reshape(-1, cols.shape[1])
-            locations = gy.shape[2] * gy.shape[3]
-            gy = gy.permute(0, 2, 3, 1).reshape(-1, gy.shape[1]) / math.sqrt(locations)
-        else:
-            x = x.reshape(n, -1)
-        if mod.bias is not None:
-            x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
-        k = math.sqrt(n_out)
-        return x.t() @ x * (k / n), gy.t() @ gy / (k * n)
+        n, size_a, k = x.shape[0], mod.weight[0].numel() + (mod.bias is not None), math.sqrt(n_out)
+        a, g = x.new_zeros(size_a, size_a), gy.new_zeros(gy.shape[1], gy.shape[1])
+        add_kfac_factors_(a, g, mod, x, gy, k / n, 1 / (k * n))
+        return a, g
 
     def _update_factors(self, out: Tensor) -> None:
         # labels from the model's own predictive distribution: E[g g^T] is the true Fisher's G factor

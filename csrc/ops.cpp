@@ -61,6 +61,16 @@ TORCH_LIBRARY(clfast, m) {
   // scale * g_i v_i a_i per block.
   m.def("kron_mv(Tensor scale, Tensor[] a, Tensor[] g, Tensor[] v) -> Tensor[]");
 
+  // ---- Fisher information (csrc/fisher/, clfast/reference/fisher.py) ----
+  // The diagonal of a Linear layer's Fisher from its input x [B, in] and the gradients gy [B, K, out] of K
+  // outputs with respect to its output: out[o * in + i] += sum_{b,k} gy[b,k,o]^2 x[b,i]^2 (the weight), then with
+  // bias out[out * in + o] += sum_{b,k} gy[b,k,o]^2.
+  m.def("fisher_diag_(Tensor(a!) out, Tensor x, Tensor gy, bool bias) -> ()");
+  // A KFAC factor: out += scale * [x, 1]^T [x, 1] for x [rows, n], the column of ones with bias (out [n + 1, n + 1])
+  // and none without (out [n, n]). Summed on and above the diagonal, then mirrored below it, so out comes out
+  // exactly symmetric: for a symmetric out, the sum itself.
+  m.def("fisher_factor_(Tensor(a!) out, Tensor x, float scale, bool bias) -> ()");
+
   // ---- Deep Artificial Neuron layers (csrc/dan/, clfast/reference/dan.py) ----
   // One layer of N neurons, each BN -> Linear -> act -> BN -> Linear -> act -> Linear, on stacked parameters:
   // x [B, ni] (shared) or [N, B, ni]; bn1_* [N, ni]; weight1 [N, nf, ni]; bias1 [N, nf]; bn2_* [N, nf];

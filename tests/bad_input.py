@@ -79,7 +79,7 @@ def _noncontig(t: Tensor) -> Tensor:
 def _with_nan(t: Tensor) -> Tensor:
     t = t.clone()
     if t.numel():
-        t.view(-1)[0] = math.nan
+        t[(0,) * t.dim()] = math.nan  # clone keeps the strides: no flat view of a transposed tensor
     return t
 
 
@@ -522,7 +522,7 @@ def main(families: List[str]) -> None:
             print(json.dumps(rec), flush=True)
 
 
-FAMILIES = ("si", "optim", "cbp", "reservoir", "kron", "dan", "modules")
+FAMILIES = ("si", "optim", "cbp", "reservoir", "kron", "dan", "fisher", "modules")
 
 
 def tally(path: str) -> None:

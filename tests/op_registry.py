@@ -147,6 +147,28 @@ def _kron_mv(device, dtype, g):
     return [(torch.tensor(1.5, dtype=dtype, device=device), a, gg, v)]
 
 
+def _fisher_diag(device, dtype, g):
+    out = []
+    for b, k, o, i, bias in ((6, 3, 4, 5, True), (9, 1, 7, 3, False), (33, 9, 20, 140, True), (0, 2, 3, 4, True),
+                             (5, 0, 3, 4, True)):  # no examples; no outputs
+        gy = _r(g, (k, b, o), dtype, device).transpose(0, 1)  # [B, K, out] as the batched backward gives it
+        out.append((_r(g, (o * i + (o if bias else 0),), dtype, device, True), _r(g, (b, i), dtype, device), gy,
+                    bias))
+    return out
+
+
+def _fisher_factor(device, dtype, g):
+    out = []
+    for rows, n, bias, transposed in ((7, 5, True, False), (6, 4, False, True), (40, 150, True, False),
+                                      (30, 140, False, True)):
+        x = _r(g, (n, rows), dtype, device).t() if transposed else _r(g, (rows, n), dtype, device)
+        out.append((_spd(g, n + bias, dtype, device), x, 0.25, bias))
+    out.append((_r(g, (4, 4), dtype, device), _r(g, (9, 3), dtype, device), -1.5, True))  # not symmetric: mirrored
+    out.append((_r(g, (4, 4), dtype, device), _r(g, (0, 3), dtype, device), 2.0, True))  # no rows: only mirrored
+    out.append((_r(g, (1, 1), dtype, device), _r(g, (5, 0), dtype, device), 2.0, True))  # no columns: the corner
+    return out
+
+
 N, NI, NF, NO, B = 3, 4, 5, 2, 6
 
 
@@ -197,6 +219,8 @@ OPS: List[Op] = [
        family="dan", writes_when=lambda args: args[17],  # the running statistics, in train mode
        float32_tol=(1e-4, 1e-4)),  # a chain of three GEMMs and two BatchNorms, summed in another order
     Op("dan_bn_update_", _dan_bn_update, writes=(0, 1, 2, 3, 4, 5), family="dan"),
+    Op("fisher_diag_", _fisher_diag, writes=(0,), family="fisher"),
+    Op("fisher_factor_", _fisher_factor, writes=(0,), family="fisher"),
 ]
 BY_NAME: Dict[str, Op] = {op.name: op for op in OPS}
 

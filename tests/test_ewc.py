@@ -211,3 +211,36 @@ def test_empirical_fisher_leaves_grads_and_refuses_what_it_cannot_be(backend):
             clfast.EWC(model, rep, variant="empirical")
     with pytest.raises(ValueError, match="variant must be one of"):
         clfast.EWC(model, "diag", variant="true")
+
+
+@needs_nngeometry
+@pytest.mark.parametrize("rep", ["diag", "kfac", "blockdiag"])
+def test_fisher_backends_give_nngeometrys_fisher(rep):
+    """The default computes the Fisher with clfast.fisher; fisher_backend='nngeometry' with nngeometry's FIM; the
+    two Fishers and penalties agree, and the default's equals FIM itself."""
+    model, loader = _model("convnet"), _loader(0)
+    ewcs = {b: clfast.EWC(model, rep, fisher_backend=b) for b in ("auto", "clfast", "nngeometry")}
+    for ewc in ewcs.values():
+        ewc.consolidate(loader)
+    assert ewcs["auto"]._clfast_fisher and not ewcs["nngeometry"]._clfast_fisher
+    expected = FIM(model, loader, type(ewcs["nngeometry"].fishers[0]), variant="classif_logits", device="cpu")
+    _perturb(model, 5)
+    for b in ("auto", "clfast"):
+        for got, want in ((ewcs[b].fishers[0].to_torch(), expected.to_torch()),
+                          (ewcs[b].penalty(), ewcs["nngeometry"].penalty())):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.detach().abs().max()))
+
+
+@needs_nngeometry
+def test_fisher_backend_choice_is_checked():
+    model = _model("mlp")
+    assert not clfast.EWC(model, "ekfac")._clfast_fisher  # auto: nngeometry computes what clfast.fisher cannot
+    assert not clfast.EWC(model, "diag", variant="regression")._clfast_fisher
+    with pytest.raises(ValueError, match="fisher_backend='nngeometry'"):
+        clfast.EWC(model, "ekfac", fisher_backend="clfast")
+    with pytest.raises(ValueError, match="fisher_backend must be one of"):
+        clfast.EWC(model, "diag", fisher_backend="backpack")
+    grouped = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    assert not clfast.EWC(grouped, "diag")._clfast_fisher
+    with pytest.raises(ValueError, match="groups=1"):
+        clfast.EWC(grouped, "diag", fisher_backend="clfast")

@@ -10,7 +10,9 @@ from nngeometry.layercollection import LayerCollection  # noqa: E402
 from nngeometry.metrics import FIM  # noqa: E402
 from nngeometry.object import PMatBlockDiag, PMatDense, PMatDiag, PMatKFAC  # noqa: E402
 
+import clfast  # noqa: E402
 from clfast._nngeometry import fim  # noqa: E402
+from clfast_testing import device_params, needs_native  # noqa: E402
 from clfast.experiments.models import BaseNet  # noqa: E402
 from clfast import fisher  # noqa: E402
 
@@ -296,3 +298,40 @@ def test_outputs_and_examples_in_small_groups_give_the_same_fisher(rep, monkeypa
     monkeypatch.setattr(impl, "_GROUP_BYTES", 1)
     got = fisher(model, _loader("basenet"), rep)
     torch.testing.assert_close(got.to_torch(), expected.to_torch(), rtol=1e-10, atol=1e-14)
+
+
+@needs_native
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("rep", ["diag", "kfac", "dense", "blockdiag"])
+def test_native_kernels_match_the_reference_ops(rep, device):
+    """clfast.fisher on the native kernels (CPU, or the CUDA ones on the emulator) against the reference ops, on a
+    model whose factors take the CPU product's several blocks, and the KFAC factors exactly symmetric."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(150, 140), nn.ReLU(), nn.Linear(140, 7))
+    loader = [(torch.randn(40, 150), None), (torch.randn(13, 150), None)]
+    if rep in ("dense", "blockdiag"):
+        model = nn.Sequential(nn.Linear(20, 9), nn.ReLU(), nn.Linear(9, 4))
+        loader = [(torch.randn(11, 20), None)]
+    got = fisher(model, loader, rep)
+    clfast.set_backend("reference")
+    try:
+        expected = fisher(model, loader, rep)
+    finally:
+        clfast.set_backend("native")
+    if rep == "kfac":
+        for (a, g), (ea, eg) in zip(got.data.values(), expected.data.values()):
+            assert torch.equal(a, a.mT) and torch.equal(g, g.mT)
+            torch.testing.assert_close(a, ea, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(g, eg, rtol=1e-12, atol=1e-12)
+    else:
+        torch.testing.assert_close(got.to_torch(), expected.to_torch(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("conv", [dict(kernel_size=3), dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 2),
+                                                             dilation=(2, 3))])
+def test_patches_are_unfolds_columns(conv):
+    from clfast._fisher import _patches
+
+    mod, x = nn.Conv2d(3, 4, **conv), torch.randn(2, 3, 9, 8)
+    expected = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
+    assert torch.equal(_patches(mod, x), expected.transpose(1, 2))

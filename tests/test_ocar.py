@@ -85,3 +85,23 @@ def test_bad_configuration_is_clear():
     bn = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
     with pytest.raises(ValueError, match="BatchNorm layer '1'"):
         clfast.OCAR(bn, buf, opt, "kfac")
+
+
+@pytest.mark.parametrize("rep", list(REPS))
+def test_exact_mode_fisher_backends_agree(backend, rep):
+    """The exact mode's Fisher from clfast.fisher (the default) and from nngeometry's FIM give the same step."""
+    x, y = _batch(24, 3, (1, 28, 28), 30)
+    grads = {}
+    for fisher_backend in ("clfast", "nngeometry"):
+        torch.manual_seed(0)
+        model = BaseNet(num_classes=30) if rep != "dense" else _mlp()
+        xb = x if rep != "dense" else x[:, :, :4, :4]
+        ocar = clfast.OCAR(model, clfast.ReservoirBuffer(10), torch.optim.SGD(model.parameters(), lr=0.0), rep,
+                           fisher_backend=fisher_backend)
+        assert ocar._clfast_fisher == (fisher_backend == "clfast")
+        model.zero_grad()
+        F.cross_entropy(model(xb), y % 5 if rep == "dense" else y).backward()
+        ocar.precondition_(xb, y)
+        grads[fisher_backend] = torch.cat([p.grad.reshape(-1) for p in ocar.layers.parameters()])
+    want = grads["nngeometry"]
+    torch.testing.assert_close(grads["clfast"], want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))

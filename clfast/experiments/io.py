@@ -22,7 +22,7 @@ OWN_NAMES = (RESULTS, "summary.txt")
 OWN_SUFFIXES = (".csv", ".png")
 # run fields aggregated over seeds as {"mean", "std", "n"}
 AGGREGATED = ("average_accuracy", "average_accuracy_task_il", "bwt", "bwt_task_il", "forgetting",
-              "forgetting_task_il", "fwt", "fwt_task_il", "wall_time_s", "steps_per_s")
+              "forgetting_task_il", "fwt", "fwt_task_il", "wall_time_s", "consolidation_s", "steps_per_s")
 
 
 class OutError(Exception):

@@ -134,7 +134,7 @@ def _train(method, scenario, args, seed, strategy, progress) -> Dict:
     base = evals()  # the untrained model: forward transfer's baseline
     acc, acc_til = np.zeros((T, T)), np.zeros((T, T))
     curves: List[List[float]] = []  # per epoch (over the whole run): class-IL accuracy on every task
-    train_time = 0.0
+    train_time = consolidation_time = 0.0  # the training time includes the consolidations
     for p in plugins:
         p.before_training(strategy)
     for t, task in enumerate(scenario.train):
@@ -168,9 +168,11 @@ def _train(method, scenario, args, seed, strategy, progress) -> Dict:
                     progress.step()
             _check_finite(model, losses, strategy)
             if epoch == args.epochs - 1:  # consolidation, before the evaluation that closes the task
+                consolidating = time.perf_counter()
                 for p in plugins:
                     p.after_training_exp(strategy)
                 _check_finite(model, losses[:0], strategy)
+                consolidation_time += time.perf_counter() - consolidating
             train_time += time.perf_counter() - start
             result = evals()
             start = time.perf_counter()
@@ -189,7 +191,8 @@ def _train(method, scenario, args, seed, strategy, progress) -> Dict:
         "seed": seed, "status": "ok", "error": None,
         **metrics.summary(acc, base=[r[0] for r in base]),
         "acc_matrix": acc.tolist(), "baseline": [r[0] for r in base], "curves": curves,
-        "strength_changes": strategy.strength_changes, "wall_time_s": train_time, "steps": strategy.step,
+        "strength_changes": strategy.strength_changes, "wall_time_s": train_time,
+        "consolidation_s": consolidation_time, "steps": strategy.step,
         "steps_per_s": strategy.step / train_time if train_time else 0.0,
     }
     if scenario.task_il:

@@ -29,3 +29,6 @@ __all__ += ["kron_quadratic", "kron_mv"]
 from .dan import dan_bn_update_, dan_layer  # noqa: E402
 
 __all__ += ["dan_layer", "dan_bn_update_"]
+from .fisher import fisher_diag_, fisher_factor_  # noqa: E402
+
+__all__ += ["fisher_diag_", "fisher_factor_"]

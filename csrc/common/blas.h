@@ -94,7 +94,7 @@ inline bool as_transposed(const Layout& x, char& op, int64_t& ld) {
 }
 
 // One GEMM shape, planned once and run on many operand pointers: c (row-major m x n, row stride ldc, unit
-// column stride) = beta * c + a (m x k) b (k x n).
+// column stride) = beta * c + alpha * a (m x k) b (k x n).
 struct Plan {
   char opa = 'N', opb = 'N';
   int64_t m = 0, n = 0, k = 0, lda = 1, ldb = 1, ldc = 1;
@@ -114,16 +114,15 @@ inline bool plan(const Layout& a, const Layout& b, int64_t ldc, Plan& p) {
 }
 
 template <typename T>
-inline void run(const Plan& p, const T* a, const T* b, T beta, T* c) {
+inline void run(const Plan& p, const T* a, const T* b, T beta, T* c, T alpha = T(1)) {
   if (p.m == 0 || p.n == 0) return;
   if (p.k == 0) {  // an empty sum: c = beta * c (libraries differ on the leading dimensions they accept here)
     for (int64_t i = 0; i < p.m; ++i)
       for (int64_t j = 0; j < p.n; ++j) c[i * p.ldc + j] = beta == T(0) ? T(0) : beta * c[i * p.ldc + j];
     return;
   }
-  const T one = 1;
   // Row-major C = A B is column-major C^T = B^T A^T.
-  fn<T>()(&p.opb, &p.opa, &p.n, &p.m, &p.k, &one, b, &p.ldb, a, &p.lda, &beta, c, &p.ldc, 1, 1);
+  fn<T>()(&p.opb, &p.opa, &p.n, &p.m, &p.k, &alpha, b, &p.ldb, a, &p.lda, &beta, c, &p.ldc, 1, 1);
 }
 
 }  // namespace clfast::cpu::blas

@@ -6,6 +6,7 @@ from typing import Callable, List, Optional
 import torch
 from torch import Tensor
 
+from ..._fisher import FISHER_BACKENDS
 from ...ewc import EWC
 from . import Plugin, stable_strength
 
@@ -62,7 +63,8 @@ class EWCPlugin(Plugin):
     help = "a quadratic penalty weighted by the Fisher of each past task (clfast.EWC)"
 
     def __init__(self, strategy, args) -> None:
-        self.ewc = EWC(strategy.model, args.ewc_representation, mode=args.ewc_mode, gamma=args.ewc_gamma)
+        self.ewc = EWC(strategy.model, args.ewc_representation, mode=args.ewc_mode, gamma=args.ewc_gamma,
+                       fisher_backend=args.fisher_backend)
         self.strength, self.fisher_samples = args.ewc_lambda, args.fisher_samples
 
     @staticmethod
@@ -74,6 +76,9 @@ class EWCPlugin(Plugin):
         group.add_argument("--ewc-lambda", type=float, default=None, help="EWC strength (the penalty's weight)")
         group.add_argument("--ewc-gamma", type=float, default=1.0, help="online mode: decay of the running Fisher")
         group.add_argument("--fisher-samples", type=int, default=1000, help="samples of a task used for its Fisher")
+        group.add_argument("--fisher-backend", choices=FISHER_BACKENDS, default="auto",
+                           help="who computes the Fisher of EWC and of OCAR's exact mode: clfast.fisher where it "
+                                "can (auto), or always clfast / nngeometry")
 
     @staticmethod
     def check(args):

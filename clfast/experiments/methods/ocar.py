@@ -15,7 +15,8 @@ class OCARPlugin(Plugin):
     def __init__(self, strategy, args) -> None:
         self.ocar = OCAR(strategy.model, ReservoirBuffer(args.buffer_size, generator=strategy.generator),
                          optimizer=None, representation=args.ocar_representation, damping=args.ocar_damping,
-                         fisher=args.ocar_fisher, refresh=args.ocar_refresh, generator=strategy.generator)
+                         fisher=args.ocar_fisher, refresh=args.ocar_refresh, generator=strategy.generator,
+                         fisher_backend=args.fisher_backend)
         strategy.forward = self.ocar.forward
 
     @staticmethod
