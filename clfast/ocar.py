@@ -5,7 +5,8 @@ Each :meth:`OCAR.step` trains on the current batch plus an equal-size sample of 
 gradient ``g`` by ``(F + damping I)^{-1} g``:
 
 * ``fisher="exact"``: ``F`` is nngeometry's FIM on that union batch, as the nngeometry OCAR step computes it
-  (by :func:`clfast.fisher` where it can, by nngeometry otherwise: ``fisher_backend``);
+  (by :func:`clfast.fisher` where it can, by nngeometry otherwise: ``fisher_backend``; in eval mode, so a
+  BatchNorm uses its running statistics);
   the solve follows nngeometry's conventions (KFAC's pi-damping
   ``(G + sqrt(d)/pi I)^{-1} V (A + sqrt(d) pi I)^{-1}``), so the result equals
   ``F.solve(PVector.from_model_grad(model), regul=damping)``.
@@ -191,10 +192,16 @@ class OCAR:
         if self._clfast_fisher:
             fisher = clfast_fisher(self.model, [(x,)], self.representation, layer_collection=self.layers.collection,
                                    device=x.device)
-        else:
+        else:  # in eval mode, as clfast.fisher computes it (BatchNorm on its running statistics)
             loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(x))
-            fisher = fim(self.model, loader, pmat_classes()[self.representation], "classif_logits", x.device,
-                         self.layers.collection)
+            modes = [(m, m.training) for m in self.model.modules()]
+            self.model.eval()
+            try:
+                fisher = fim(self.model, loader, pmat_classes()[self.representation], "classif_logits", x.device,
+                             self.layers.collection)
+            finally:
+                for m, training in modes:
+                    m.training = training
         if self.representation == "kfac":
             self._invert([fisher.data[lid] for lid in self.layers.modules])
             self._apply_kfac(*self._inverses)

@@ -265,6 +265,10 @@ def test_more_bad_input_raises_value_errors():
         fisher(_Tuple(), loader)
     with pytest.raises(ValueError, match="batches must be tensors"):
         fisher(_model("mlp"), [{"x": torch.randn(4, 12)}])
+    half = _model("mlp").to(torch.bfloat16)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        fisher(half, [(torch.randn(4, 12, dtype=torch.bfloat16),)])
+    assert not clfast.EWC(half, "diag")._clfast_fisher  # EWC's default then takes nngeometry's FIM
 
 
 def test_frozen_first_layer_on_an_input_without_gradient():
@@ -312,6 +316,7 @@ def test_native_kernels_match_the_reference_ops(rep, device):
     if rep in ("dense", "blockdiag"):
         model = nn.Sequential(nn.Linear(20, 9), nn.ReLU(), nn.Linear(9, 4))
         loader = [(torch.randn(11, 20), None)]
+    model, loader = model.to(device), [(x.to(device), None) for x, _ in loader]
     got = fisher(model, loader, rep)
     clfast.set_backend("reference")
     try:
