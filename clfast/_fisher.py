@@ -6,7 +6,7 @@ per whitened output and batch, this runs one batched backward per batch (``is_gr
 gradients of all whitened outputs with respect to every layer output at once, and builds the diagonal, the KFAC
 factors or the per-example gradients of each layer from those with a few GEMMs: a Linear layer's diagonal in the
 fused ``fisher_diag_`` op, every factor and dense or block-diagonal block in ``fisher_factor_`` (exactly
-symmetric, about 5/8 of a full product's work).
+symmetric, about 5/8 of a full product's work) but a convolution's ``G``, one small product per row.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from . import ops
 from ._nngeometry import Layers, empirical_fisher, generator, pmat_classes, representation_name
 
-__all__ = ["fisher", "FISHER_BACKENDS"]
+__all__ = ["fisher", "FISHER_BACKENDS", "Unsupported"]
 
 REPRESENTATIONS = ("diag", "kfac", "dense", "blockdiag")
 VARIANTS = ("classif_logits", "empirical")
@@ -71,7 +71,7 @@ def fisher(model: nn.Module, loader: Iterable, representation: Union[str, type] 
     layers = Layers(model, layer_collection, "clfast.fisher", kronecker=rep == "kfac")
     reason = unsupported(layers, rep, variant)
     if reason is not None:
-        raise ValueError(reason)
+        raise Unsupported(reason)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     modes = [(m, m.training) for m in model.modules()]  # restored one by one: a model may mix modes
     model.eval()  # nngeometry's BatchNorm Jacobians need eval mode; no dropout in a Fisher either
@@ -86,6 +86,17 @@ def fisher(model: nn.Module, loader: Iterable, representation: Union[str, type] 
 
 
 FISHER_BACKENDS = ("auto", "clfast", "nngeometry")
+
+
+class Unsupported(ValueError):
+    """A model whose Fisher :func:`fisher` cannot compute (a layer it does not know, shared weights, a layer off
+    the batch dimension); where nngeometry's ``FIM`` can, ``fisher_backend="auto"`` then takes it."""
+
+
+def checked_backend(fisher_backend: str, who: str) -> str:
+    if fisher_backend not in FISHER_BACKENDS:
+        raise ValueError(f"{who}: fisher_backend must be one of {FISHER_BACKENDS}, got {fisher_backend!r}")
+    return fisher_backend
 
 
 def unsupported(layers: Layers, representation: str, variant: str) -> Optional[str]:
@@ -116,10 +127,9 @@ def unsupported(layers: Layers, representation: str, variant: str) -> Optional[s
 
 def use_clfast(fisher_backend: str, layers: Layers, representation: str, variant: str, who: str) -> bool:
     """Whether ``who`` (EWC, OCAR) computes its Fisher with :func:`fisher` (True) or nngeometry's ``FIM``:
-    ``"auto"`` takes clfast.fisher wherever it computes this Fisher, ``"clfast"`` insists on it."""
-    if fisher_backend not in FISHER_BACKENDS:
-        raise ValueError(f"{who}: fisher_backend must be one of {FISHER_BACKENDS}, got {fisher_backend!r}")
-    if fisher_backend == "nngeometry":
+    ``"auto"`` takes clfast.fisher wherever it computes this Fisher, ``"clfast"`` insists on it. Asked at each
+    computation, so a model converted since (``.half()``) is judged as it is then."""
+    if checked_backend(fisher_backend, who) == "nngeometry":
         return False
     reason = unsupported(layers, representation, variant)
     if reason is not None and fisher_backend == "clfast":
@@ -157,7 +167,7 @@ class _Collector:
     def _hook(self, lid: str):
         def hook(module, inputs, output):
             if lid in self.captured:
-                raise ValueError(f"clfast.fisher: layer '{lid}' runs more than once per forward (shared weights)")
+                raise Unsupported(f"clfast.fisher: layer '{lid}' runs more than once per forward (shared weights)")
             if torch.is_grad_enabled() and not output.requires_grad and output.is_floating_point():
                 # a frozen layer on an input without gradient: its parameters still have a Fisher
                 output = output.detach().requires_grad_()
@@ -256,7 +266,7 @@ class _Collector:
         batch) would have its per-example gradients summed."""
         for lid, (inp, out) in self.captured.items():
             if inp.shape[0] != rows or out.shape[0] != rows:
-                raise ValueError(f"clfast.fisher: layer '{lid}' sees input {list(inp.shape)} and output "
+                raise Unsupported(f"clfast.fisher: layer '{lid}' sees input {list(inp.shape)} and output "
                                  f"{list(out.shape)} for a batch of {rows}; per-example gradients need the examples "
                                  "on the first dimension of every layer")
         return [lid for lid, (_, out) in self.captured.items() if out.requires_grad]
@@ -383,7 +393,7 @@ def add_kfac_factors_(a: Optional[Tensor], g: Tensor, mod: nn.Module, x: Tensor,
 
 def _flat(lid: str, x: Tensor) -> Tensor:
     if x.dim() != 2:
-        raise ValueError(f"clfast.fisher: Linear '{lid}' gets input {list(x.shape)}; nngeometry's Fisher (and this "
+        raise Unsupported(f"clfast.fisher: Linear '{lid}' gets input {list(x.shape)}; nngeometry's Fisher (and this "
                          "one) take Linear inputs [batch, features] only")
     return x
 

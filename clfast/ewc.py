@@ -10,13 +10,14 @@ own ``vTMv``. The values equal nngeometry's ``F.vTMv(PVector.from_model(model) -
 """
 from __future__ import annotations
 
+import warnings
 from typing import Dict, Iterable, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._fisher import fisher as clfast_fisher, use_clfast
+from ._fisher import Unsupported, checked_backend, fisher as clfast_fisher, use_clfast
 from ._nngeometry import REPRESENTATIONS, Layers, empirical_fisher, fim, generator, pmat_classes, representation_name
 
 __all__ = ["EWC"]
@@ -43,8 +44,10 @@ class EWC:
         fisher_backend: ``"auto"`` (default) computes the Fisher with :func:`clfast.fisher` (one batched backward
             per batch, fused kernels) wherever it can: classif_logits diag, KFAC, dense and blockdiag on Linear,
             Conv2d and BatchNorm layers; and with nngeometry's ``FIM`` otherwise (EKFAC, the other variants,
-            other layers). ``"clfast"`` insists on clfast.fisher (ValueError where it cannot), ``"nngeometry"``
-            always takes ``FIM``. Both give the same matrix (to rounding).
+            other layers, shared weights: a warning says so). ``"clfast"`` insists on clfast.fisher (ValueError
+            where it cannot), ``"nngeometry"`` always takes ``FIM``. Both give the same matrix (to rounding), but
+            for a loader with ``drop_last`` (clfast.fisher divides by the examples it saw, nngeometry by
+            ``len(loader.sampler)``) and a BatchNorm whose ``eps`` is not 1e-5 (nngeometry uses 1e-5).
 
     Example::
 
@@ -74,14 +77,17 @@ class EWC:
                              else f"EWC({self.representation!r})", kronecker=self.representation in ("kfac", "ekfac"))
         self.layer_collection = self.layers.collection
         self._rep = REPRESENTATIONS[self.representation]
-        self.fisher_backend = fisher_backend
-        self._clfast_fisher = variant != "empirical" and use_clfast(fisher_backend, self.layers, self.representation,
-                                                                      variant, "EWC")
+        self.fisher_backend = checked_backend(fisher_backend, "EWC")
+        self._use_clfast()  # fisher_backend="clfast" on a model clfast.fisher cannot take is refused now
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.fishers: list = []          # nngeometry objects, one per task (separate) or per consolidation
         self._coef: List[float] = []     # c_t: 1 (separate) or gamma^(age) (online)
         self._anchors: List[List[Tensor]] = []  # theta_t per task, in layer-collection parameter order
         self._fast: List[dict] = []      # per task: tensors for the fused ops, coefficient folded in
+
+    def _use_clfast(self) -> bool:
+        return self.variant != "empirical" and use_clfast(self.fisher_backend, self.layers, self.representation,
+                                                          self.variant, "EWC")
 
     def parameters(self) -> List[Tensor]:
         """The regularised parameters, in nngeometry's order."""
@@ -97,11 +103,18 @@ class EWC:
         try:
             if self.variant == "empirical":
                 fisher = empirical_fisher(self.layers, loader, self.representation, self.loss_fn, self.device)
-            elif self._clfast_fisher:
-                fisher = clfast_fisher(self.model, loader, self.representation, self.variant,
-                                       self.layers.collection, self.device)
             else:
-                fisher = fim(self.model, loader, rep, self.variant, self.device, self.layers.collection)
+                fisher = None
+                if self._use_clfast():
+                    try:
+                        fisher = clfast_fisher(self.model, loader, self.representation, self.variant,
+                                               self.layers.collection, self.device)
+                    except Unsupported as exc:
+                        if self.fisher_backend != "auto":
+                            raise
+                        warnings.warn(f"EWC: {exc}; the Fisher comes from nngeometry's FIM instead", RuntimeWarning)
+                if fisher is None:
+                    fisher = fim(self.model, loader, rep, self.variant, self.device, self.layers.collection)
         finally:
             self.model.train(was_training)
         anchor = [p.detach().clone() for p in self.parameters()]

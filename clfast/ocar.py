@@ -4,9 +4,9 @@
 Each :meth:`OCAR.step` trains on the current batch plus an equal-size sample of the buffer and replaces the
 gradient ``g`` by ``(F + damping I)^{-1} g``:
 
-* ``fisher="exact"``: ``F`` is nngeometry's FIM on that union batch, as the nngeometry OCAR step computes it
-  (by :func:`clfast.fisher` where it can, by nngeometry otherwise: ``fisher_backend``; in eval mode, so a
-  BatchNorm uses its running statistics);
+* ``fisher="exact"``: ``F`` is nngeometry's FIM on that union batch (by :func:`clfast.fisher` where it can, by
+  nngeometry otherwise: ``fisher_backend``), in eval mode, so a BatchNorm uses its running statistics (the
+  nngeometry OCAR step computes it in the model's mode; the same for a model without BatchNorm or dropout);
   the solve follows nngeometry's conventions (KFAC's pi-damping
   ``(G + sqrt(d)/pi I)^{-1} V (A + sqrt(d) pi I)^{-1}``), so the result equals
   ``F.solve(PVector.from_model_grad(model), regul=damping)``.
@@ -18,6 +18,7 @@ gradient ``g`` by ``(F + damping I)^{-1} g``:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .buffer import ReservoirBuffer
-from ._fisher import add_kfac_factors_, fisher as clfast_fisher, use_clfast
+from ._fisher import Unsupported, add_kfac_factors_, checked_backend, fisher as clfast_fisher, use_clfast
 from ._nngeometry import Layers, fim, pmat_classes
 
 __all__ = ["OCAR"]
@@ -79,8 +80,9 @@ class OCAR:
         self.ema_decay, self.refresh, self.loss_fn, self.generator = float(ema_decay), int(refresh), loss_fn, generator
         self.layers = Layers(model, None, "OCAR" if representation != "kfac" else "OCAR('kfac')",
                              kronecker=representation == "kfac")
-        self.fisher_backend = fisher_backend
-        self._clfast_fisher = use_clfast(fisher_backend, self.layers, representation, "classif_logits", "OCAR")
+        self.fisher_backend = checked_backend(fisher_backend, "OCAR")
+        self._fim_only = False  # set once clfast.fisher has refused the model (auto)
+        self._use_clfast()  # fisher_backend="clfast" on a model clfast.fisher cannot take is refused now
         self.steps = 0
         self.factors: Dict[str, List[Tensor]] = {}   # layer id -> [A, G] (ema mode)
         self._inverses: Optional[Tuple[List[Tensor], List[Tensor]]] = None
@@ -91,6 +93,10 @@ class OCAR:
         if fisher == "ema":
             for lid, mod in self.layers.modules.items():
                 self._hooks.append(mod.register_forward_hook(self._capture(lid)))
+
+    def _use_clfast(self) -> bool:
+        return self.fisher == "exact" and not self._fim_only and use_clfast(
+            self.fisher_backend, self.layers, self.representation, "classif_logits", "OCAR")
 
     def _capture(self, lid: str):
         def hook(module, inputs, output):
@@ -189,10 +195,17 @@ class OCAR:
             return
         if x is None:
             raise ValueError("OCAR.precondition_: exact mode needs the batch (x, y) the Fisher is computed on")
-        if self._clfast_fisher:
-            fisher = clfast_fisher(self.model, [(x,)], self.representation, layer_collection=self.layers.collection,
-                                   device=x.device)
-        else:  # in eval mode, as clfast.fisher computes it (BatchNorm on its running statistics)
+        fisher = None
+        if self._use_clfast():
+            try:
+                fisher = clfast_fisher(self.model, [(x,)], self.representation,
+                                       layer_collection=self.layers.collection, device=x.device)
+            except Unsupported as exc:
+                if self.fisher_backend != "auto":
+                    raise
+                warnings.warn(f"OCAR: {exc}; the Fisher comes from nngeometry's FIM instead", RuntimeWarning)
+                self._fim_only = True
+        if fisher is None:  # in eval mode, as clfast.fisher computes it (BatchNorm on its running statistics)
             loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(x))
             modes = [(m, m.training) for m in self.model.modules()]
             self.model.eval()

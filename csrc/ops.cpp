@@ -68,7 +68,7 @@ TORCH_LIBRARY(clfast, m) {
   m.def("fisher_diag_(Tensor(a!) out, Tensor x, Tensor gy, bool bias) -> ()");
   // A KFAC factor: out += scale * [x, 1]^T [x, 1] for x [rows, n], the column of ones with bias (out [n + 1, n + 1])
   // and none without (out [n, n]). Summed on and above the diagonal, then mirrored below it, so out comes out
-  // exactly symmetric: for a symmetric out, the sum itself.
+  // exactly symmetric: for a symmetric out, the sum itself. scale: finite, non-zero, a normal number of out's dtype.
   m.def("fisher_factor_(Tensor(a!) out, Tensor x, float scale, bool bias) -> ()");
 
   // ---- Deep Artificial Neuron layers (csrc/dan/, clfast/reference/dan.py) ----

@@ -1,6 +1,7 @@
 """The contract of every op and module: it does what its reference does, or raises before it changes anything.
 One test per way this can fail (crashes run in a child process, so a segfault is a failing test)."""
 import copy
+import math
 import subprocess
 import sys
 import textwrap
@@ -498,3 +499,27 @@ def test_ewc_checks_its_factors_at_consolidation_not_in_the_backward(backend, re
     monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or real(self))
     ewc.penalty().backward()
     assert not reads and net[0].weight.grad is not None
+
+
+@needs_native
+def test_fisher_ops_refuse_what_they_cannot_do_as_the_reference_does():
+    """A zero scale (BLAS would skip a product whose inf * 0 the reference turns into NaN), a scale no float32
+    holds, and sizes whose product overflows int64: refused by both backends, before anything is written."""
+    from clfast import reference
+
+    x = torch.randn(5, 3)
+    x[0, 0] = math.inf
+    cases = [(OPS.fisher_factor_, reference.fisher_factor_, lambda: (torch.eye(4), x, 0.0, True)),
+             (OPS.fisher_factor_, reference.fisher_factor_, lambda: (torch.eye(4), x, 1e300, True)),
+             (OPS.fisher_factor_, reference.fisher_factor_, lambda: (torch.eye(4), x, 1e-40, True)),
+             (OPS.fisher_diag_, reference.fisher_diag_,
+              lambda: (torch.zeros(4), torch.empty(0, 1).expand(0, 2 ** 62), torch.zeros(0, 2, 4), True))]
+    for native, ref, args in cases:
+        for fn in (native, ref):
+            a = args()
+            before = a[0].clone()
+            with pytest.raises(RuntimeError):
+                fn(*a)
+            assert torch.equal(a[0], before)
+    out = torch.eye(4, dtype=torch.float64)  # float64 takes a scale float32 cannot hold
+    OPS.fisher_factor_(out, torch.randn(5, 3, dtype=torch.float64), 1e-300, True)

@@ -222,7 +222,7 @@ def test_fisher_backends_give_nngeometrys_fisher(rep):
     ewcs = {b: clfast.EWC(model, rep, fisher_backend=b) for b in ("auto", "clfast", "nngeometry")}
     for ewc in ewcs.values():
         ewc.consolidate(loader)
-    assert ewcs["auto"]._clfast_fisher and not ewcs["nngeometry"]._clfast_fisher
+    assert ewcs["auto"]._use_clfast() and not ewcs["nngeometry"]._use_clfast()
     expected = FIM(model, loader, type(ewcs["nngeometry"].fishers[0]), variant="classif_logits", device="cpu")
     _perturb(model, 5)
     for b in ("auto", "clfast"):
@@ -234,13 +234,45 @@ def test_fisher_backends_give_nngeometrys_fisher(rep):
 @needs_nngeometry
 def test_fisher_backend_choice_is_checked():
     model = _model("mlp")
-    assert not clfast.EWC(model, "ekfac")._clfast_fisher  # auto: nngeometry computes what clfast.fisher cannot
-    assert not clfast.EWC(model, "diag", variant="regression")._clfast_fisher
+    assert not clfast.EWC(model, "ekfac")._use_clfast()  # auto: nngeometry computes what clfast.fisher cannot
+    assert not clfast.EWC(model, "diag", variant="regression")._use_clfast()
     with pytest.raises(ValueError, match="fisher_backend='nngeometry'"):
         clfast.EWC(model, "ekfac", fisher_backend="clfast")
     with pytest.raises(ValueError, match="fisher_backend must be one of"):
         clfast.EWC(model, "diag", fisher_backend="backpack")
     grouped = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
-    assert not clfast.EWC(grouped, "diag")._clfast_fisher
+    assert not clfast.EWC(grouped, "diag")._use_clfast()
     with pytest.raises(ValueError, match="groups=1"):
         clfast.EWC(grouped, "diag", fisher_backend="clfast")
+
+
+@needs_nngeometry
+def test_auto_backend_falls_back_where_clfast_fisher_refuses_at_run_time():
+    """A Linear layer used twice per forward: clfast.fisher refuses it while computing, so EWC's default takes
+    nngeometry's FIM (with a warning) and fisher_backend='clfast' raises; the choice follows the model as it is
+    at consolidate(); the backend name is checked for every variant."""
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.out = nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
+
+    torch.manual_seed(0)
+    model = Shared()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(12, 6),
+                                                                        torch.randint(0, 3, (12,))), batch_size=4)
+    ewc = clfast.EWC(model, "diag")
+    with pytest.warns(RuntimeWarning, match="runs more than once"):
+        ewc.consolidate(loader)
+    expected = FIM(model, loader, type(ewc.fishers[0]), variant="classif_logits", device="cpu")
+    torch.testing.assert_close(ewc.fishers[0].data, expected.data)
+    with pytest.raises(ValueError, match="runs more than once"):
+        clfast.EWC(model, "diag", fisher_backend="clfast").consolidate(loader)
+    converted = clfast.EWC(_model("mlp"), "diag")
+    assert converted._use_clfast()
+    converted.model.half()
+    assert not converted._use_clfast()
+    with pytest.raises(ValueError, match="fisher_backend must be one of"):
+        clfast.EWC(model, "diag", variant="empirical", fisher_backend="bogus")

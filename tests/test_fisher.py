@@ -268,7 +268,7 @@ def test_more_bad_input_raises_value_errors():
     half = _model("mlp").to(torch.bfloat16)
     with pytest.raises(ValueError, match="float32 or float64"):
         fisher(half, [(torch.randn(4, 12, dtype=torch.bfloat16),)])
-    assert not clfast.EWC(half, "diag")._clfast_fisher  # EWC's default then takes nngeometry's FIM
+    assert not clfast.EWC(half, "diag")._use_clfast()  # EWC's default then takes nngeometry's FIM
 
 
 def test_frozen_first_layer_on_an_input_without_gradient():

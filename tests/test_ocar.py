@@ -98,7 +98,7 @@ def test_exact_mode_fisher_backends_agree(backend, rep):
         xb = x if rep != "dense" else x[:, :, :4, :4]
         ocar = clfast.OCAR(model, clfast.ReservoirBuffer(10), torch.optim.SGD(model.parameters(), lr=0.0), rep,
                            fisher_backend=fisher_backend)
-        assert ocar._clfast_fisher == (fisher_backend == "clfast")
+        assert ocar._use_clfast() == (fisher_backend == "clfast")
         model.zero_grad()
         F.cross_entropy(model(xb), y % 5 if rep == "dense" else y).backward()
         ocar.precondition_(xb, y)

@@ -60,8 +60,11 @@ def fisher_factor_(out: Tensor, x: Tensor, scale: float, bias: bool) -> None:
     if out.dim() != 2 or tuple(out.shape) != (n, n):
         raise RuntimeError(f"clfast.{op}: out must be [{n}, {n}] for x {list(x.shape)}"
                            f"{' and a bias' if bias else ''}, got {list(out.shape)}")
-    if not math.isfinite(scale):
-        raise RuntimeError(f"clfast.{op}: scale must be finite, got {scale}")
+    single = out.dtype == torch.float32
+    lo, hi = (torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max) if single else (0.0, math.inf)
+    if not (math.isfinite(scale) and abs(scale) > 0 and lo <= abs(scale) <= hi):
+        raise RuntimeError(f"clfast.{op}: scale must be finite, non-zero and a normal number of out's dtype "
+                           f"({out.dtype}), got {scale}")
     check_memory(op, ("out", [out], True), ("x", [x], False))
     if bias:
         x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)

@@ -2,7 +2,10 @@
 // run in fisher_cpu.cpp and fisher_cuda.cu.
 #include <torch/library.h>
 
+#include <c10/util/safe_numerics.h>
+
 #include <cmath>
+#include <limits>
 
 #include "../common/checks.h"
 #include "../common/launch.h"
@@ -34,7 +37,9 @@ void fisher_diag_(const at::Tensor& out, const at::Tensor& x, const at::Tensor& 
   TORCH_CHECK(x.dim() == 2 && gy.dim() == 3 && gy.size(0) == x.size(0), "clfast.", op,
               ": expected x [B, in] and gy [B, K, out], got x ", x.sizes(), " and gy ", gy.sizes());
   const int64_t O = gy.size(2), I = x.size(1);
-  TORCH_CHECK(out.dim() == 1 && out.size(0) == O * I + (bias ? O : 0), "clfast.", op, ": out must be [", O, " * ", I,
+  int64_t numel = 0;  // O * (I + bias), which a tensor's sizes can make overflow
+  const bool overflows = c10::mul_overflows(O, I + (bias ? 1 : 0), &numel);
+  TORCH_CHECK(!overflows && out.dim() == 1 && out.size(0) == numel, "clfast.", op, ": out must be [", O, " * ", I,
               bias ? " + " : "", bias ? std::to_string(O) : "", "] (weight then bias), got ", out.sizes());
   check_memory(op, {{"out", out, true}, {"x", x, false}, {"gy", gy, false}});
   if (x.size(0) > 0 && gy.size(1) > 0 && out.numel() > 0) launch(op, out.device(), FisherDiag{out, x, gy, bias});
@@ -49,7 +54,14 @@ void fisher_factor_(const at::Tensor& out, const at::Tensor& x, double scale, bo
   const int64_t n = x.size(1) + (bias ? 1 : 0);
   TORCH_CHECK(out.dim() == 2 && out.size(0) == n && out.size(1) == n, "clfast.", op, ": out must be [", n, ", ", n,
               "] for x ", x.sizes(), bias ? " and a bias" : "", ", got ", out.sizes());
-  TORCH_CHECK(std::isfinite(scale), "clfast.", op, ": scale must be finite, got ", scale);
+  // a zero scale adds nothing (BLAS then skips the product, so inf * 0 would not be NaN); a float32 out needs a
+  // scale that is a normal float32
+  const double lo = out.scalar_type() == at::kFloat ? std::numeric_limits<float>::min() : 0.0,
+               hi = out.scalar_type() == at::kFloat ? std::numeric_limits<float>::max()
+                                                    : std::numeric_limits<double>::max();
+  TORCH_CHECK(std::isfinite(scale) && std::abs(scale) > 0 && std::abs(scale) >= lo && std::abs(scale) <= hi, "clfast.",
+              op, ": scale must be finite, non-zero and a normal number of out's dtype (", out.scalar_type(), "), got ",
+              scale);
   check_memory(op, {{"out", out, true}, {"x", x, false}});
   if (x.size(1) > 0) {  // no rows still mirrors out
     // BLAS reads an operand with a unit stride in one dimension

@@ -10,7 +10,7 @@ struct FisherDiag {
   bool bias;
 };
 
-// fisher_factor_: out [n (+ 1), n (+ 1)] contiguous; x [rows, n] with a unit stride; rows, n > 0.
+// fisher_factor_: out [n (+ 1), n (+ 1)] contiguous; x [rows, n] with a unit stride; n > 0; scale != 0.
 struct FisherFactor {
   at::Tensor out, x;
   double scale;
