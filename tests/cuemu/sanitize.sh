@@ -18,7 +18,8 @@ for mode in "${modes[@]}"; do
   lib=$(CLFAST_EMU_SANITIZE=$mode "$PY" tests/cuemu/build.py 2>/dev/null | tail -n 1)
   case $mode in
     thread) runtime=$(g++ -print-file-name=libtsan.so)
-            export TSAN_OPTIONS="halt_on_error=1 exitcode=66 report_thread_leaks=0 report_signal_unsafe=0" ;;
+            export TSAN_OPTIONS="halt_on_error=1 exitcode=66 report_thread_leaks=0 report_signal_unsafe=0 \
+suppressions=$PWD/tests/cuemu/tsan.supp" ;;
     # libstdc++ right after it: ASan's __cxa_throw interceptor needs the real one loaded at start-up.
     address) runtime="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so)"
              export ASAN_OPTIONS="detect_leaks=0 halt_on_error=1 exitcode=66" \
