@@ -10,9 +10,10 @@ symmetric, about 5/8 of a full product's work) but a convolution's ``G``, one sm
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -73,16 +74,24 @@ def fisher(model: nn.Module, loader: Iterable, representation: Union[str, type] 
     if reason is not None:
         raise Unsupported(reason)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    modes = [(m, m.training) for m in model.modules()]  # restored one by one: a model may mix modes
-    model.eval()  # nngeometry's BatchNorm Jacobians need eval mode; no dropout in a Fisher either
-    try:
+    with eval_mode(model):
         if variant == "empirical":
             return empirical_fisher(layers, loader, rep, F.cross_entropy, device)
         data = _Collector(layers, rep, chunk_size).run(loader, device)
+    return pmat_classes()[rep](generator=generator(layers), data=data)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode (nngeometry's BatchNorm Jacobians need it; no dropout in a Fisher either), each
+    module's mode restored afterwards: a model may mix modes."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
     finally:
         for m, training in modes:
             m.training = training
-    return pmat_classes()[rep](generator=generator(layers), data=data)
 
 
 FISHER_BACKENDS = ("auto", "clfast", "nngeometry")
@@ -123,6 +132,18 @@ def unsupported(layers: Layers, representation: str, variant: str) -> Optional[s
             return (f"clfast.fisher: layer '{lid}' is a {type(mod).__name__}; only Linear, Conv2d and BatchNorm1d/2d "
                     "layers are supported (pass layer_collection= without it)")
     return None
+
+
+def fisher_or_none(who: str, fisher_backend: str, compute: Callable[[], Any]):
+    """``compute()`` (a :func:`fisher` call), or None where it refuses the model under ``"auto"`` (with a warning):
+    the caller then takes nngeometry's ``FIM``."""
+    try:
+        return compute()
+    except Unsupported as exc:
+        if fisher_backend != "auto":
+            raise
+        warnings.warn(f"{who}: {exc}; the Fisher comes from nngeometry's FIM instead", RuntimeWarning)
+        return None
 
 
 def use_clfast(fisher_backend: str, layers: Layers, representation: str, variant: str, who: str) -> bool:

@@ -10,14 +10,13 @@ own ``vTMv``. The values equal nngeometry's ``F.vTMv(PVector.from_model(model) -
 """
 from __future__ import annotations
 
-import warnings
 from typing import Dict, Iterable, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._fisher import Unsupported, checked_backend, fisher as clfast_fisher, use_clfast
+from ._fisher import checked_backend, fisher as clfast_fisher, fisher_or_none, use_clfast
 from ._nngeometry import REPRESENTATIONS, Layers, empirical_fisher, fim, generator, pmat_classes, representation_name
 
 __all__ = ["EWC"]
@@ -106,13 +105,8 @@ class EWC:
             else:
                 fisher = None
                 if self._use_clfast():
-                    try:
-                        fisher = clfast_fisher(self.model, loader, self.representation, self.variant,
-                                               self.layers.collection, self.device)
-                    except Unsupported as exc:
-                        if self.fisher_backend != "auto":
-                            raise
-                        warnings.warn(f"EWC: {exc}; the Fisher comes from nngeometry's FIM instead", RuntimeWarning)
+                    fisher = fisher_or_none("EWC", self.fisher_backend, lambda: clfast_fisher(
+                        self.model, loader, self.representation, self.variant, self.layers.collection, self.device))
                 if fisher is None:
                     fisher = fim(self.model, loader, rep, self.variant, self.device, self.layers.collection)
         finally:

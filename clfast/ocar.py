@@ -18,7 +18,6 @@ gradient ``g`` by ``(F + damping I)^{-1} g``:
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -27,7 +26,8 @@ from torch import Tensor, nn
 
 from . import ops
 from .buffer import ReservoirBuffer
-from ._fisher import Unsupported, add_kfac_factors_, checked_backend, fisher as clfast_fisher, use_clfast
+from ._fisher import (add_kfac_factors_, checked_backend, eval_mode, fisher as clfast_fisher, fisher_or_none,
+                      use_clfast)
 from ._nngeometry import Layers, fim, pmat_classes
 
 __all__ = ["OCAR"]
@@ -197,24 +197,14 @@ class OCAR:
             raise ValueError("OCAR.precondition_: exact mode needs the batch (x, y) the Fisher is computed on")
         fisher = None
         if self._use_clfast():
-            try:
-                fisher = clfast_fisher(self.model, [(x,)], self.representation,
-                                       layer_collection=self.layers.collection, device=x.device)
-            except Unsupported as exc:
-                if self.fisher_backend != "auto":
-                    raise
-                warnings.warn(f"OCAR: {exc}; the Fisher comes from nngeometry's FIM instead", RuntimeWarning)
-                self._fim_only = True
+            fisher = fisher_or_none("OCAR", self.fisher_backend, lambda: clfast_fisher(
+                self.model, [(x,)], self.representation, layer_collection=self.layers.collection, device=x.device))
+            self._fim_only = fisher is None
         if fisher is None:  # in eval mode, as clfast.fisher computes it (BatchNorm on its running statistics)
             loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(x))
-            modes = [(m, m.training) for m in self.model.modules()]
-            self.model.eval()
-            try:
+            with eval_mode(self.model):
                 fisher = fim(self.model, loader, pmat_classes()[self.representation], "classif_logits", x.device,
                              self.layers.collection)
-            finally:
-                for m, training in modes:
-                    m.training = training
         if self.representation == "kfac":
             self._invert([fisher.data[lid] for lid in self.layers.modules])
             self._apply_kfac(*self._inverses)
