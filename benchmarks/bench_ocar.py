@@ -48,7 +48,7 @@ def test_kfac_solve(benchmark, device, impl):
                 p.grad.copy_(g)
             if impl == "clfast_exact":
                 ocar._invert(factors)
-            ocar._apply_kfac(*ocar._inverses)
+            ocar._apply_kfac(ocar.layers.grads(), *ocar._inverses)
 
     measure(benchmark, step, device, "OCAR KFAC solve, Base_Net", f"test_kfac_solve[{device}-nngeometry]")
 

@@ -7,6 +7,8 @@ gradients of all whitened outputs with respect to every layer output at once, an
 factors or the per-example gradients of each layer from those with a few GEMMs: a Linear layer's diagonal in the
 fused ``fisher_diag_`` op, every factor and dense or block-diagonal block in ``fisher_factor_`` (exactly
 symmetric, about 5/8 of a full product's work) but a convolution's ``G``, one small product per row.
+A ``clfast.nn`` DAN layer, which nngeometry cannot hook, is recomputed in batched torch ops during the forward
+(:func:`dan_parts`) and its neurons' BatchNorms and Linears are layers like any other.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from ._nngeometry import Layers, empirical_fisher, generator, pmat_classes, representation_name
+from ._nngeometry import DANBlock, Layers, empirical_fisher, generator, pmat_classes, representation_name
 
 __all__ = ["fisher", "FISHER_BACKENDS", "Unsupported"]
 
@@ -46,7 +48,10 @@ def fisher(model: nn.Module, loader: Iterable, representation: Union[str, type] 
     Args:
         representation: ``"diag"``, ``"kfac"``, ``"dense"``, ``"blockdiag"`` or the nngeometry class.
         layer_collection: nngeometry ``LayerCollection`` of the Linear, Conv2d and BatchNorm1d/2d layers to cover
-            (default: the whole model, which must have no other parameters).
+            (default: the whole model, which must have no other parameters). A ``clfast.nn.DANLayer`` is covered
+            in per-neuron blocks named as in its per-neuron layout (``{layer}.neurons.{i}.core.{index}``;
+            :class:`clfast._nngeometry.DANBlock`), so the result is nngeometry's ``FIM`` of
+            ``layer.to_reference()``; with KFAC its BatchNorms' weights and biases are diagonal blocks.
         device: where the batches go (default: the model's device).
         chunk_size: examples whose per-example gradients are formed at once (dense, blockdiag, and the diagonal of
             Conv2d / BatchNorm layers); default: as many as fit in about 256 MB.
@@ -120,6 +125,8 @@ def unsupported(layers: Layers, representation: str, variant: str) -> Optional[s
                     "model, e.g. model.float())")
         if mod.weight.device.type not in ("cpu", "cuda"):
             return f"clfast.fisher runs on CPU and CUDA tensors; layer '{lid}' is on {mod.weight.device}"
+        if isinstance(mod, DANBlock):
+            continue
         if isinstance(mod, nn.Conv2d):
             if mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
                 return (f"clfast.fisher: Conv2d '{lid}' needs groups=1, padding_mode='zeros' and numeric padding "
@@ -134,13 +141,13 @@ def unsupported(layers: Layers, representation: str, variant: str) -> Optional[s
     return None
 
 
-def fisher_or_none(who: str, fisher_backend: str, compute: Callable[[], Any]):
+def fisher_or_none(who: str, fisher_backend: str, layers: Layers, compute: Callable[[], Any]):
     """``compute()`` (a :func:`fisher` call), or None where it refuses the model under ``"auto"`` (with a warning):
-    the caller then takes nngeometry's ``FIM``."""
+    the caller then takes nngeometry's ``FIM`` (which a model with DAN layers cannot take)."""
     try:
         return compute()
     except Unsupported as exc:
-        if fisher_backend != "auto":
+        if fisher_backend != "auto" or layers.has_dan:
             raise
         warnings.warn(f"{who}: {exc}; the Fisher comes from nngeometry's FIM instead", RuntimeWarning)
         return None
@@ -150,10 +157,15 @@ def use_clfast(fisher_backend: str, layers: Layers, representation: str, variant
     """Whether ``who`` (EWC, OCAR) computes its Fisher with :func:`fisher` (True) or nngeometry's ``FIM``:
     ``"auto"`` takes clfast.fisher wherever it computes this Fisher, ``"clfast"`` insists on it. Asked at each
     computation, so a model converted since (``.half()``) is judged as it is then."""
-    if checked_backend(fisher_backend, who) == "nngeometry":
-        return False
+    backend = checked_backend(fisher_backend, who)
     reason = unsupported(layers, representation, variant)
-    if reason is not None and fisher_backend == "clfast":
+    if layers.has_dan and (backend == "nngeometry" or reason is not None):
+        raise ValueError(f"{who}: nngeometry's FIM cannot hook clfast.nn DAN layers, so only clfast.fisher computes "
+                         f"this model's Fisher{', which refuses it: ' + reason if reason else ''}; use "
+                         "fisher_backend='auto' or 'clfast'")
+    if backend == "nngeometry":
+        return False
+    if reason is not None and backend == "clfast":
         raise ValueError(f"{who}: {reason}; use fisher_backend='nngeometry' (or 'auto')")
     return reason is None
 
@@ -181,7 +193,9 @@ class _Collector:
         self.layers, self.rep, self.chunk_size = layers, rep, chunk_size
         self.lids = list(layers.modules)
         self.numel = {lid: layer.numel() for lid, layer in layers.collection.layers.items()}
-        self.captured: Dict[str, Tuple[Tensor, Tensor]] = {}
+        self.dan = {mod.name: mod.layer for mod in layers.modules.values() if isinstance(mod, DANBlock)}
+        # per forward: a layer id -> (input, output), a DAN layer's name -> (input, {part index: (input, output)})
+        self.captured: Dict[str, Tuple[Tensor, Any]] = {}
         self.total: Dict[Any, Tensor] = {}  # the sums over the loader, by layer (and factor)
         self.batched = True  # is_grads_batched, until a module's backward refuses vmap
 
@@ -198,9 +212,21 @@ class _Collector:
             return output.clone()
         return hook
 
+    def _dan_hook(self, name: str):
+        def hook(module, inputs, output):
+            if name in self.captured:
+                raise Unsupported(f"clfast.fisher: DAN layer '{name}' runs more than once per forward (shared "
+                                  "weights)")
+            out, parts = dan_parts(module, inputs[0])
+            self.captured[name] = (inputs[0], parts)
+            return out  # the rest of the network runs on the recomputation, so gradients reach its parts
+        return hook
+
     @torch.no_grad()
     def run(self, loader: Iterable, device: torch.device):
-        handles = [self.layers.modules[lid].register_forward_hook(self._hook(lid)) for lid in self.lids]
+        handles = [self.layers.modules[lid].register_forward_hook(self._hook(lid)) for lid in self.lids
+                   if not isinstance(self.layers.modules[lid], DANBlock)]
+        handles += [layer.register_forward_hook(self._dan_hook(name)) for name, layer in self.dan.items()]
         try:
             self.total = {}
             n, k = 0, None
@@ -245,16 +271,17 @@ class _Collector:
         w = whitening(logits.detach())  # [K, B, C]
         k, b = w.shape[0], w.shape[1]
         if self.batched:
-            lids = self._differentiable(b)
-            outs = [self.captured[lid][1] for lid in lids]
-            xs = {lid: self.captured[lid][0] for lid in lids}
+            targets = self._targets(b)
+            outs = [out for _, out, _ in targets]
             step = max(1, min(k, _GROUP_BYTES // max(1, sum(o.numel() * o.element_size() for o in outs))))
 
             def grads(k0: int) -> Dict[str, Tensor]:
                 k1 = min(k, k0 + step)
                 g = torch.autograd.grad(logits, outs, w[k0:k1], is_grads_batched=True, allow_unused=True,
                                         retain_graph=k1 < k)
-                return {lid: t.transpose(0, 1) for lid, t in zip(lids, g) if t is not None}
+                # [K, ...] with the examples on dimension bdim + 1 -> [B, K, ...]
+                return self._per_layer({key: t.movedim(bdim + 1, 0) for (key, _, bdim), t in zip(targets, g)
+                                        if t is not None}, b)
             try:
                 first = grads(0)
             except torch.OutOfMemoryError:
@@ -266,31 +293,55 @@ class _Collector:
                               "replicated once per whitened output instead", RuntimeWarning)
                 self.batched = False
             else:
-                yield xs, first, k, True
+                yield first[0], first[1], k, True
                 for k0 in range(step, k, step):
-                    yield xs, grads(k0), k, False
+                    yield (*grads(k0), k, False)
                 return
         # fallback: one forward and backward of the batch repeated K times, replica k carrying output k
         self.captured = {}
         with torch.enable_grad():
             logits = self.layers.model(x.repeat(k, *([1] * (x.dim() - 1))))
-        lids = self._differentiable(k * b)
-        grads = torch.autograd.grad(logits, [self.captured[lid][1] for lid in lids], w.reshape(k * b, -1),
-                                    allow_unused=True)
-        yield ({lid: self.captured[lid][0][:b] for lid in lids},
-               {lid: g.reshape(k, b, *g.shape[1:]).transpose(0, 1) for lid, g in zip(lids, grads) if g is not None},
-               k, True)
+        targets = self._targets(k * b)
+        grads = torch.autograd.grad(logits, [out for _, out, _ in targets], w.reshape(k * b, -1), allow_unused=True)
+        xs, gys = self._per_layer({key: g.unflatten(bdim, (k, b)).movedim(bdim, 0).movedim(bdim + 1, 0) for (key, _, bdim), g
+                                   in zip(targets, grads) if g is not None}, b)
+        yield xs, gys, k, True
 
-    def _differentiable(self, rows: int) -> List[str]:
-        """The captured layers whose output has a gradient (the others add nothing, as in nngeometry). Each must
-        see one row per example: a layer on another first dimension (a constant input, tokens folded into the
-        batch) would have its per-example gradients summed."""
-        for lid, (inp, out) in self.captured.items():
-            if inp.shape[0] != rows or out.shape[0] != rows:
-                raise Unsupported(f"clfast.fisher: layer '{lid}' sees input {list(inp.shape)} and output "
-                                 f"{list(out.shape)} for a batch of {rows}; per-example gradients need the examples "
-                                 "on the first dimension of every layer")
-        return [lid for lid, (_, out) in self.captured.items() if out.requires_grad]
+    def _targets(self, rows: int) -> List[Tuple[Any, Tensor, int]]:
+        """(key, output, dimension of its examples) of every captured output with a gradient: a layer's (the others
+        add nothing, as in nngeometry) or a DAN layer's part ``(name, index)``, whose tensors are ``[N, B, C]``.
+        Each must see one row per example: a layer on another first dimension (a constant input, tokens folded
+        into the batch) would have its per-example gradients summed."""
+        out = []
+        for key, (inp, captured) in self.captured.items():
+            if key in self.dan:
+                if inp.shape[-2] != rows:
+                    raise Unsupported(f"clfast.fisher: DAN layer '{key}' sees input {list(inp.shape)} for a batch of "
+                                      f"{rows}; per-example gradients need one input row per example")
+                out += [((key, index), o, 1) for index, (_, o) in captured.items() if o.requires_grad]
+                continue
+            if inp.shape[0] != rows or captured.shape[0] != rows:
+                raise Unsupported(f"clfast.fisher: layer '{key}' sees input {list(inp.shape)} and output "
+                                  f"{list(captured.shape)} for a batch of {rows}; per-example gradients need the "
+                                  "examples on the first dimension of every layer")
+            if captured.requires_grad:
+                out.append((key, captured, 0))
+        return out
+
+    def _per_layer(self, grads: Dict[Any, Tensor], b: int) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+        """Inputs ``[B, ...]`` and output gradients ``[B, K, ...]`` by layer id from the gradients ``[B, K, ...]``
+        by target: a DAN block's are its neuron's slice of its part's."""
+        xs, gys = {}, {}
+        for lid in self.lids:
+            mod = self.layers.modules[lid]
+            if isinstance(mod, DANBlock):
+                key = (mod.name, mod.index)
+                if key in grads:
+                    xs[lid] = self.captured[mod.name][1][mod.index][0][mod.neuron, :b]
+                    gys[lid] = grads[key][:, :, mod.neuron]
+            elif lid in grads:
+                xs[lid], gys[lid] = self.captured[lid][0][:b], grads[lid]
+        return xs, gys
 
     # -- one batch: every statistic is summed in place into self.total ------------------------------------------
     def _acc(self, key, shape: Tuple[int, ...], like: Tensor) -> Tensor:
@@ -330,16 +381,18 @@ class _Collector:
     def _per_example(self, lid: str, x: Tensor, gy: Tensor) -> Tensor:
         """``[b * K, P]``: the gradient of each (example, whitened output) pair, weight then bias."""
         mod = self.layers.modules[lid]
-        b, k = gy.shape[0], gy.shape[1]
-        if isinstance(mod, nn.Linear):
+        b, k, kind = gy.shape[0], gy.shape[1], _kind(mod)
+        if kind == "linear":
             gw = gy[:, :, :, None] * _flat(lid, x)[:, None, None, :]
             gb = gy
-        elif isinstance(mod, nn.Conv2d):
+        elif kind == "conv":
             g = gy.reshape(b, k * gy.shape[2], -1)  # [b, K * out, locations]
             gw = torch.bmm(g, _patches(mod, x))  # sum over locations of gy x^T
             gb = g.sum(2)
-        else:
-            gw = gy * _normalised(mod, x)[:, None]
+        elif kind == "shift":
+            gw = gb = gy
+        else:  # a DAN block's BatchNorm input comes normalised
+            gw = gy * (x if isinstance(mod, DANBlock) else _normalised(mod, x))[:, None]
             if gy.dim() > 3:  # sum over locations (sum(()) would sum over everything)
                 gw, gb = gw.flatten(3).sum(3), gy.flatten(3).sum(3)
             else:
@@ -353,7 +406,7 @@ class _Collector:
     def _diag(self, lid: str, x: Tensor, gy: Tensor) -> None:
         mod = self.layers.modules[lid]
         acc = self._acc(lid, (self.numel[lid],), gy)
-        if isinstance(mod, nn.Linear):  # sum_{i,k} gy_ik^2 x_i^2 = (sum_k gy_k^2)^T x^2: one fused GEMM
+        if _kind(mod) == "linear":  # sum_{i,k} gy_ik^2 x_i^2 = (sum_k gy_k^2)^T x^2: one fused GEMM
             ops.fisher_diag_(acc, _flat(lid, x), gy, mod.bias is not None)
             return
         for sl in self._chunks(x.shape[0], gy.shape[1], self.numel[lid], x.dtype):
@@ -365,6 +418,10 @@ class _Collector:
         per batch: ``first``); G = sum over outputs and examples of g g^T, divided by the number of locations for a
         convolution."""
         mod = self.layers.modules[lid]
+        if _kind(mod) in ("scale", "shift"):  # a DAN BatchNorm's weight or bias: its exact diagonal, for G
+            g = gy * x[:, None] if mod.kind == "scale" else gy
+            self._acc((lid, "g"), (gy.shape[2],), gy).add_((g * g).sum((0, 1)))
+            return
         size_a = mod.weight[0].numel() + (mod.bias is not None)
         a = self._acc((lid, "a"), (size_a, size_a), gy) if first else None
         add_kfac_factors_(a, self._acc((lid, "g"), (gy.shape[2],) * 2, gy), mod,
@@ -380,7 +437,9 @@ class _Collector:
         out: Dict[str, Any] = {}
         for lid in self.lids:
             w = self.layers.modules[lid].weight
-            if self.rep == "kfac":
+            if self.rep == "kfac" and _kind(self.layers.modules[lid]) in ("scale", "shift"):
+                out[lid] = (w.new_ones(1, 1), torch.diag(total.get((lid, "g"), w.new_zeros(len(w))) / n))
+            elif self.rep == "kfac":
                 size_a = w[0].numel() + self._has_bias(lid)
                 a = total.get((lid, "a"), w.new_zeros(size_a, size_a))
                 g = total.get((lid, "g"), w.new_zeros(len(w), len(w)))
@@ -410,6 +469,49 @@ def add_kfac_factors_(a: Optional[Tensor], g: Tensor, mod: nn.Module, x: Tensor,
     if a is not None:
         ops.fisher_factor_(a, x.reshape(x.shape[0], -1), a_scale, bias)
     ops.fisher_factor_(g, gy, g_scale, False)
+
+
+def _kind(mod) -> str:
+    """How a layer's per-example gradients come from its input and output gradient: "linear", "conv",
+    "batchnorm", or a DAN BatchNorm's weight alone ("scale") or bias alone ("shift")."""
+    if isinstance(mod, DANBlock):
+        return mod.kind
+    return "linear" if isinstance(mod, nn.Linear) else "conv" if isinstance(mod, nn.Conv2d) else "batchnorm"
+
+
+def dan_parts(layer: nn.Module, x: Tensor) -> Tuple[Tensor, Dict[str, Tuple[Tensor, Tensor]]]:
+    """A ``clfast.nn.DANLayer`` on ``x`` recomputed in batched torch ops (those of ``clfast.reference.dan_layer``,
+    BatchNorm on the running statistics in eval mode, on the batch's in train mode, which the layer's own forward
+    has already counted), which run under vmap where the fused op does not: its output ``[B, N * no]`` and, by part
+    index in the per-neuron layout, each part's input (detached) and output ``[N, B, C]``: a BatchNorm's
+    normalised input and affine output, a Linear's input and output."""
+    from .nn.dan import _params, _stats
+    from .reference.dan import _linear
+
+    g1, b1, w1, c1, g2, b2, w2, c2, w3, c3 = _params(layer)
+    rm1, rv1, _, rm2, rv2, _ = _stats(layer)
+    act, eps = layer.act_fn, layer.eps
+
+    def activate(h: Tensor) -> Tensor:  # on [N * B, C], the [batch, features] layout the per-neuron act sees
+        return act(h.reshape(-1, h.shape[-1])).view(h.shape)
+
+    def normalise(h: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+        if layer.training:
+            var, mean = torch.var_mean(h, dim=1, correction=0)
+        return (h - mean[:, None]) * torch.rsqrt(var[:, None] + eps)
+
+    h = x.unsqueeze(0).expand(w1.shape[0], *x.shape) if x.dim() == 2 else x
+    xh1 = normalise(h, rm1, rv1)
+    u1 = g1[:, None] * xh1 + b1[:, None]
+    z1 = _linear(u1, w1, c1)
+    xh2 = normalise(activate(z1), rm2, rv2)
+    u2 = g2[:, None] * xh2 + b2[:, None]
+    z2 = _linear(u2, w2, c2)
+    a2 = activate(z2)
+    y = _linear(a2, w3, c3)
+    parts = {"0": (xh1.detach(), u1), "1": (u1.detach(), z1), "3": (xh2.detach(), u2), "4": (u2.detach(), z2),
+             "6": (a2.detach(), y)}
+    return torch.cat(list(y), dim=1), parts
 
 
 def _flat(lid: str, x: Tensor) -> Tensor:

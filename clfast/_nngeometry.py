@@ -4,7 +4,9 @@ model), the robust ``FIM`` call (:func:`fim`), and one class per Fisher represen
 kind becomes clfast's fused penalty and its gradient (:data:`REPRESENTATIONS`)."""
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+import re
+
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -56,12 +58,12 @@ def empirical_fisher(layers: "Layers", loader, representation: str, loss_fn, dev
     """The Fisher of Avalanche's ``EWCPlugin``: over the minibatches of ``loader``, the mean of the squared
     gradient of the minibatch loss ``loss_fn(model(x), y)`` (``"diag"``), or of its outer product (``"dense"``), as
     an nngeometry object. The parameters' ``.grad`` is left alone."""
-    params = layers.parameters()
+    leaves = layers.leaves()
     total, batches = None, 0
     for batch in loader:
         x, y = batch[0].to(device), batch[1].to(device)
-        grads = torch.autograd.grad(loss_fn(layers.model(x), y), params, allow_unused=True)
-        g = torch.cat([(gr if gr is not None else torch.zeros_like(p)).reshape(-1) for gr, p in zip(grads, params)])
+        grads = torch.autograd.grad(loss_fn(layers.model(x), y), leaves, allow_unused=True)
+        g = torch.cat([gr.reshape(-1) for gr in layers.of(list(grads))])
         if representation == "diag":
             total = g * g if total is None else total.add_(g * g)
         else:
@@ -73,19 +75,111 @@ def empirical_fisher(layers: "Layers", loader, representation: str, loss_fn, dev
 
 
 def generator(layers: "Layers"):
-    """The nngeometry generator an nngeometry matrix of ``layers`` is built with."""
+    """The nngeometry generator an nngeometry matrix of ``layers`` is built with: nngeometry's own hooks, or, for a
+    model with clfast.nn DAN layers (which nngeometry cannot hook), its stand-in that only carries the layer
+    collection (what nngeometry's matrix methods read)."""
+    if layers.has_dan:
+        from nngeometry.backend.dummy import DummyGenerator
+
+        return DummyGenerator(layers.collection, layers.parameters()[0].device)
     from nngeometry.backend import TorchHooksJacobianBackend
 
     return TorchHooksJacobianBackend(layer_collection=layers.collection, model=layers.model,
                                      function=lambda *d: layers.model(d[0]))
 
 
+# A DAN neuron's parts by their index in the per-neuron layout (``neurons.{i}.core.{index}``, clfast.nn.dan's
+# _SEED_NAMES): the stacked (weight, bias) parameters of its BatchNorms and Linears.
+DAN_PARTS = {"0": ("bn1_weight", "bn1_bias"), "1": ("weight1", "bias1"), "3": ("bn2_weight", "bn2_bias"),
+             "4": ("weight2", "bias2"), "6": ("weight3", "bias3")}
+
+
+class DANBlock:
+    """One neuron's BatchNorm or Linear in a ``clfast.nn.DANLayer``, as a layer of a Fisher: layer id
+    ``{layer}.neurons.{i}.core.{index}`` as in the per-neuron layout, ``weight`` and ``bias`` views of the stacked
+    parameters. For Kronecker-factored Fishers a BatchNorm is two blocks, ``...core.{index}.weight`` and
+    ``.bias`` (kinds ``"scale"`` and ``"shift"``), each a column ``[C, 1]`` with its exact diagonal as ``G``."""
+
+    def __init__(self, name: str, layer: nn.Module, neuron: int, index: str, only: Optional[str] = None) -> None:
+        self.name, self.layer, self.neuron, self.index, self.only = name, layer, neuron, index, only
+        self.kind = "linear" if index in ("1", "4", "6") else {None: "batchnorm", "weight": "scale",
+                                                               "bias": "shift"}[only]
+
+    def views(self, of: Callable[[Tensor], Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        """(weight, bias or None) of this block cut from ``of(stacked parameter)``."""
+        w_name, b_name = DAN_PARTS[self.index]
+        if self.only is not None:
+            return of(getattr(self.layer, w_name if self.only == "weight" else b_name))[self.neuron], None
+        b = getattr(self.layer, b_name)
+        return of(getattr(self.layer, w_name))[self.neuron], None if b is None else of(b)[self.neuron]
+
+    @property
+    def weight(self) -> Tensor:
+        return self.views(lambda p: p)[0]
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return self.views(lambda p: p)[1]
+
+    def nngeometry_layer(self):
+        from nngeometry.layercollection import BatchNorm1dLayer, LinearLayer
+
+        w, b = self.weight, self.bias
+        if self.kind == "batchnorm":
+            return BatchNorm1dLayer(num_features=w.shape[0])
+        if self.kind == "linear":
+            return LinearLayer(in_features=w.shape[1], out_features=w.shape[0], bias=b is not None)
+        return LinearLayer(in_features=1, out_features=w.shape[0], bias=False)
+
+
+def dan_blocks(name: str, layer: nn.Module, kronecker: bool) -> List[Tuple[str, DANBlock]]:
+    """A DANLayer's blocks in the per-neuron layout's order (neuron by neuron: BatchNorm, Linear, BatchNorm,
+    Linear, Linear), which is nngeometry's order for the per-neuron modules."""
+    prefix = f"{name}.neurons" if name else "neurons"
+    out = []
+    for i in range(layer.weight1.shape[0]):
+        for index in DAN_PARTS:
+            lid = f"{prefix}.{i}.core.{index}"
+            if kronecker and index in ("0", "3"):
+                out += [(f"{lid}.{only}", DANBlock(name, layer, i, index, only)) for only in ("weight", "bias")]
+            else:
+                out.append((lid, DANBlock(name, layer, i, index)))
+    return out
+
+
+def _dan_layers(model: nn.Module) -> Dict[str, nn.Module]:
+    """The model's clfast.nn DAN layers with one set of parameters per neuron (not a shared phenotype)."""
+    from .nn.dan import DANLayer
+
+    return {name: mod for name, mod in model.named_modules()
+            if isinstance(mod, DANLayer) and mod.weight1.shape[0] == mod._n}
+
+
+_DAN_ID = re.compile(r"^(?:(.*)\.)?neurons\.(\d+)\.core\.([01346])(?:\.(weight|bias))?$")
+
+
+def _resolve(lid: str, named: Dict[str, nn.Module], dan: Dict[str, nn.Module]):
+    """The module behind a layer id, or the :class:`DANBlock` a DAN layer's id names."""
+    if lid in named:
+        return named[lid]
+    match = _DAN_ID.match(lid)
+    name, neuron, index, only = match.groups() if match else (None, "0", "", None)
+    layer = dan.get(name or "")
+    if layer is None or int(neuron) >= layer.weight1.shape[0] or (only is not None and index not in ("0", "3")):
+        raise ValueError(f"layer id {lid!r} names no module of the model, nor a neuron's part of one of its clfast.nn "
+                         "DAN layers")
+    return DANBlock(name or "", layer, int(neuron), index, only)
+
+
 class Layers:
     """nngeometry's layer collection of ``model`` and the module behind each layer id.
 
+    The collection holds nngeometry's layers and, for each ``clfast.nn.DANLayer`` (one set of parameters per
+    neuron), its neurons' BatchNorms and Linears as nngeometry layers named as in the per-neuron layout
+    (:class:`DANBlock`), in module order: the layout nngeometry gives the per-neuron model (``to_reference()``).
     Without an explicit ``layer_collection`` every trainable parameter must be covered (nngeometry silently skips
-    modules it does not know, e.g. clfast.nn.DAN); ``kronecker=True`` refuses BatchNorm layers, which have no
-    Kronecker factors in nngeometry."""
+    modules it does not know); ``kronecker=True`` refuses BatchNorm layers, which have no Kronecker factors in
+    nngeometry (a DAN layer's BatchNorms become diagonal blocks instead, see :class:`DANBlock`)."""
 
     def __init__(self, model: nn.Module, layer_collection=None, who: str = "EWC", kronecker: bool = False) -> None:
         from nngeometry.layercollection import BatchNorm1dLayer, BatchNorm2dLayer, LayerCollection
@@ -96,15 +190,27 @@ class Layers:
         except Exception as exc:
             raise ValueError(f"{who}: nngeometry cannot handle this model ({exc}); pass a layer_collection of the "
                              "supported layers") from exc
-        self.modules: Dict[str, nn.Module] = self.collection.get_layerid_module_maps(model)[0]
+        dan = _dan_layers(model)
+        if dan and layer_collection is None:  # in module order, so the ids and their order are those of the per-neuron model
+            known, self.collection = self.collection, LayerCollection()
+            for name, mod in model.named_modules():
+                if name in known.layers:
+                    self.collection.add_layer(name, known.layers[name])
+                elif name in dan:
+                    for lid, block in dan_blocks(name, mod, kronecker):
+                        self.collection.add_layer(lid, block.nngeometry_layer())
+        named = dict(model.named_modules())
+        self.modules: Dict[str, Any] = {lid: _resolve(lid, named, dan) for lid in self.collection.layers}
+        self.has_dan = any(isinstance(m, DANBlock) for m in self.modules.values())
         if layer_collection is None:
-            covered = {id(p) for mod in self.modules.values() for p in mod.parameters(recurse=False)}
+            covered = {id(p) for p in self.leaves()}
             missed = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
             if missed:
-                raise ValueError(f"{who}: nngeometry's Fisher does not cover {len(missed)} parameter(s) of this model "
+                raise ValueError(f"{who}: the Fisher does not cover {len(missed)} parameter(s) of this model "
                                  f"({', '.join(missed[:4])}{', ...' if len(missed) > 4 else ''}): it knows Linear, "
-                                 "Conv2d and BatchNorm layers only. Pass layer_collection= to regularise a subset "
-                                 "explicitly, or use a method without a Fisher (si, replay).")
+                                 "Conv2d and BatchNorm layers and clfast.nn DAN layers (not a shared phenotype) "
+                                 "only. Pass layer_collection= to regularise a subset explicitly, or use a method "
+                                 "without a Fisher (si, replay).")
         if kronecker:
             for lid, layer in self.collection.layers.items():
                 if isinstance(layer, (BatchNorm1dLayer, BatchNorm2dLayer)):
@@ -113,21 +219,54 @@ class Layers:
                         "representation='diag' or 'blockdiag', or pass layer_collection= without it "
                         "(LayerCollection().add_layer_from_model(model, module) for each other layer).")
 
-    def __iter__(self) -> Iterator[Tuple[str, Tensor, Optional[Tensor]]]:
-        """(layer id, weight, bias or None) in nngeometry's parameter order."""
+    def _pairs(self, of: Callable[[Tensor], Tensor]) -> Iterator[Tuple[str, Tensor, Optional[Tensor]]]:
         for lid, layer in self.collection.layers.items():
             mod = self.modules[lid]
-            has_bias = getattr(layer, "bias", None) is not None or "BatchNorm" in type(layer).__name__
-            yield lid, mod.weight, (mod.bias if has_bias else None)
+            if isinstance(mod, DANBlock):
+                yield (lid, *mod.views(of))
+            else:
+                has_bias = getattr(layer, "bias", None) is not None or "BatchNorm" in type(layer).__name__
+                yield lid, of(mod.weight), (of(mod.bias) if has_bias else None)
 
-    def parameters(self) -> List[Tensor]:
+    def __iter__(self) -> Iterator[Tuple[str, Tensor, Optional[Tensor]]]:
+        """(layer id, weight, bias or None) in nngeometry's parameter order (a DAN block's: views)."""
+        return self._pairs(lambda p: p)
+
+    @staticmethod
+    def _flat(pairs) -> List[Tensor]:
         out = []
-        for _, w, b in self:
+        for _, w, b in pairs:
             out += [w] + ([b] if b is not None else [])
         return out
 
+    def parameters(self) -> List[Tensor]:
+        return self._flat(self)
+
+    def leaves(self) -> List[Tensor]:
+        """The model parameters behind :meth:`parameters` (a DAN layer's stacked ones once), for autograd."""
+        seen: Dict[int, Tensor] = {}
+
+        def note(p: Tensor) -> Tensor:
+            seen.setdefault(id(p), p)
+            return p
+        self._flat(self._pairs(note))
+        return list(seen.values())
+
+    def of(self, values: List[Optional[Tensor]]) -> List[Tensor]:
+        """Tensors laid out as :meth:`parameters` from tensors laid out as :meth:`leaves` (None: zeros)."""
+        by_leaf = {id(p): (v if v is not None else torch.zeros_like(p)) for p, v in zip(self.leaves(), values)}
+        return self._flat(self._pairs(lambda p: by_leaf[id(p)]))
+
+    def grads(self) -> List[Tensor]:
+        """The ``.grad`` of :meth:`parameters` (views of a DAN layer's stacked gradients), zeros where missing."""
+        def grad(p: Tensor) -> Tensor:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            return p.grad
+        return self._flat(self._pairs(grad))
+
     def covers_model(self) -> bool:
-        return len(self.parameters()) == len(list(self.model.parameters()))
+        return not self.has_dan and len(self.parameters()) == len(list(self.model.parameters()))
 
     def pvector(self, tensors: List[Tensor]):
         """An nngeometry ``PVector`` of tensors in :meth:`parameters` order."""

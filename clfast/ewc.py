@@ -28,7 +28,8 @@ class EWC:
     """EWC with Fishers as nngeometry objects.
 
     Args:
-        model: the network; its Linear/Conv2d/BatchNorm layers form nngeometry's layer collection.
+        model: the network; its Linear/Conv2d/BatchNorm layers form nngeometry's layer collection, and each
+            ``clfast.nn.DANLayer`` its neurons' blocks (Fisher by :func:`clfast.fisher` only).
         representation: ``"diag"``, ``"kfac"``, ``"dense"``, ``"blockdiag"``, ``"ekfac"`` or the nngeometry class
             (``PMatDiag``, ...).
         mode: ``"separate"`` keeps one (Fisher, parameters) pair per task; ``"online"`` keeps the decayed running
@@ -105,7 +106,7 @@ class EWC:
             else:
                 fisher = None
                 if self._use_clfast():
-                    fisher = fisher_or_none("EWC", self.fisher_backend, lambda: clfast_fisher(
+                    fisher = fisher_or_none("EWC", self.fisher_backend, self.layers, lambda: clfast_fisher(
                         self.model, loader, self.representation, self.variant, self.layers.collection, self.device))
                 if fisher is None:
                     fisher = fim(self.model, loader, rep, self.variant, self.device, self.layers.collection)
@@ -152,11 +153,8 @@ class EWC:
             return
         params = self.parameters()
         self._check_params(params, "add_penalty_grad_")
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
         with torch.no_grad():
-            self._rep.add_penalty_grad(self.layers, self._fast, params, [p.grad for p in params], strength)
+            self._rep.add_penalty_grad(self.layers, self._fast, params, self.layers.grads(), strength)
 
     # -- state -------------------------------------------------------------------------------------------------
     def state_dict(self) -> Dict:

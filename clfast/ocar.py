@@ -26,9 +26,9 @@ from torch import Tensor, nn
 
 from . import ops
 from .buffer import ReservoirBuffer
-from ._fisher import (add_kfac_factors_, checked_backend, eval_mode, fisher as clfast_fisher, fisher_or_none,
-                      use_clfast)
-from ._nngeometry import Layers, fim, pmat_classes
+from ._fisher import (add_kfac_factors_, checked_backend, dan_parts, eval_mode, fisher as clfast_fisher,
+                      fisher_or_none, use_clfast)
+from ._nngeometry import DANBlock, Layers, fim, pmat_classes
 
 __all__ = ["OCAR"]
 
@@ -46,7 +46,8 @@ class OCAR:
     """Fisher-preconditioned replay.
 
     Args:
-        model: the network (Linear / Conv2d layers; the same layer collection as :class:`clfast.EWC`).
+        model: the network (Linear / Conv2d layers and ``clfast.nn`` DAN layers; the same layer collection as
+            :class:`clfast.EWC`).
         buffer: a :class:`clfast.ReservoirBuffer` holding ``(x, y)``; each step adds the current batch to it.
         optimizer: applied to the preconditioned gradient.
         representation: ``"kfac"``, ``"diag"`` or ``"dense"`` (``"ema"`` needs ``"kfac"``).
@@ -91,8 +92,13 @@ class OCAR:
         self._inputs: Dict[str, Tensor] = {}
         self._outputs: Dict[str, Tensor] = {}
         if fisher == "ema":
+            dan = {}
             for lid, mod in self.layers.modules.items():
-                self._hooks.append(mod.register_forward_hook(self._capture(lid)))
+                if isinstance(mod, DANBlock):
+                    dan[mod.name] = mod.layer
+                else:
+                    self._hooks.append(mod.register_forward_hook(self._capture(lid)))
+            self._hooks += [layer.register_forward_hook(self._capture_dan(name)) for name, layer in dan.items()]
 
     def _use_clfast(self) -> bool:
         return self.fisher == "exact" and not self._fim_only and use_clfast(
@@ -102,6 +108,17 @@ class OCAR:
         def hook(module, inputs, output):
             if torch.is_grad_enabled() and self._collecting:
                 self._inputs[lid], self._outputs[lid] = inputs[0].detach(), output
+        return hook
+
+    def _capture_dan(self, name: str):
+        """A DAN layer's fused forward gives no access to its neurons' parts: while recording, the rest of the
+        network runs on its recomputation (:func:`clfast._fisher.dan_parts`), whose parts the factors read."""
+        def hook(module, inputs, output):
+            if torch.is_grad_enabled() and self._collecting:
+                out, parts = dan_parts(module, inputs[0])
+                for index, (x, y) in parts.items():
+                    self._inputs[(name, index)], self._outputs[(name, index)] = x, y
+                return out
         return hook
 
     def remove(self) -> None:
@@ -184,20 +201,17 @@ class OCAR:
     def precondition_(self, x: Optional[Tensor] = None, y: Optional[Tensor] = None) -> None:
         """Replace the parameters' ``.grad`` by ``(F + damping I)^{-1} .grad``; exact mode computes ``F`` on
         ``(x, y)``, ema mode uses the running factors."""
-        params = self.layers.parameters()
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+        grads = self.layers.grads()
         if self.fisher == "ema":
             if self._inverses is None or self.steps % self.refresh == 0:
                 self._invert([self.factors[lid] for lid in self.layers.modules])
-            self._apply_kfac(*self._inverses)
+            self._apply_kfac(grads, *self._inverses)
             return
         if x is None:
             raise ValueError("OCAR.precondition_: exact mode needs the batch (x, y) the Fisher is computed on")
         fisher = None
         if self._use_clfast():
-            fisher = fisher_or_none("OCAR", self.fisher_backend, lambda: clfast_fisher(
+            fisher = fisher_or_none("OCAR", self.fisher_backend, self.layers, lambda: clfast_fisher(
                 self.model, [(x,)], self.representation, layer_collection=self.layers.collection, device=x.device))
             self._fim_only = fisher is None
         if fisher is None:  # in eval mode, as clfast.fisher computes it (BatchNorm on its running statistics)
@@ -207,10 +221,9 @@ class OCAR:
                              self.layers.collection)
         if self.representation == "kfac":
             self._invert([fisher.data[lid] for lid in self.layers.modules])
-            self._apply_kfac(*self._inverses)
+            self._apply_kfac(grads, *self._inverses)
             return
         with torch.no_grad():
-            grads = [p.grad for p in params]
             flat = torch.cat([g.reshape(-1) for g in grads])
             if self.representation == "diag":
                 flat = flat / (fisher.data + self.damping)
@@ -225,23 +238,21 @@ class OCAR:
         self._inverses = ([a for a, _ in inv], [g for _, g in inv])
 
     @torch.no_grad()
-    def _apply_kfac(self, a_inv: List[Tensor], g_inv: List[Tensor]) -> None:
-        blocks, slots = [], []
-        for lid, w, b in self.layers:
-            gw = w.grad.reshape(w.shape[0], -1)
-            blocks.append(torch.cat([gw, b.grad[:, None]], 1) if b is not None else gw)
-            slots.append((w, b))
-        one = blocks[0].new_ones(())
-        for (w, b), x in zip(slots, ops.kron_mv(one, a_inv, g_inv, blocks)):
-            w.grad.copy_(x[:, :w[0].numel()].reshape(w.shape))
-            if b is not None:
-                b.grad.copy_(x[:, -1])
+    def _apply_kfac(self, grads: List[Tensor], a_inv: List[Tensor], g_inv: List[Tensor]) -> None:
+        blocks = self.layers.matrices(grads)
+        solved = ops.kron_mv(blocks[0].new_ones(()), a_inv, g_inv, blocks)
+        for g in grads:
+            g.zero_()
+        self.layers.scatter(solved, grads)
 
     # -- ema factors ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def _batch_factors(self, lid: str, x: Tensor, gy: Tensor, n_out: int) -> Tuple[Tensor, Tensor]:
         """nngeometry's KFAC factors of one batch: A = sqrt(K) sum x x^T / n, G = sum g g^T / (sqrt(K) n)."""
         mod = self.layers.modules[lid]
+        if isinstance(mod, DANBlock) and mod.kind in ("scale", "shift"):  # a DAN BatchNorm's weight or bias
+            g = gy * x if mod.kind == "scale" else gy
+            return x.new_ones(1, 1), torch.diag((g * g).sum(0) / x.shape[0])
         n, size_a, k = x.shape[0], mod.weight[0].numel() + (mod.bias is not None), math.sqrt(n_out)
         a, g = x.new_zeros(size_a, size_a), gy.new_zeros(gy.shape[1], gy.shape[1])
         add_kfac_factors_(a, g, mod, x, gy, k / n, 1 / (k * n))
@@ -255,13 +266,19 @@ class OCAR:
             except RuntimeError as exc:  # multinomial checks its input anyway: no extra sync to find out
                 raise FloatingPointError("OCAR: the model's outputs are not finite (training diverged); lower the "
                                          "learning rate or raise damping") from exc
-        lids = list(self.layers.modules)
+        modules = self.layers.modules
+        keys = {lid: (mod.name, mod.index) if isinstance(mod, DANBlock) else lid for lid, mod in modules.items()}
+        targets = list(dict.fromkeys(keys.values()))  # a DAN layer's part once for all its neurons
         mc_loss = F.cross_entropy(out, sampled, reduction="sum")
-        gys = torch.autograd.grad(mc_loss, [self._outputs[lid] for lid in lids], retain_graph=True)
+        grads = dict(zip(targets, torch.autograd.grad(mc_loss, [self._outputs[t] for t in targets],
+                                                      retain_graph=True)))
         n_out = out.shape[1] - 1  # nngeometry's whitened outputs for classif_logits
         d = self.ema_decay if self.factors else 0.0
-        for lid, gy in zip(lids, gys):
-            a, g = self._batch_factors(lid, self._inputs[lid], gy, n_out)
+        for lid, key in keys.items():
+            x, gy = self._inputs[key], grads[key]
+            if isinstance(modules[lid], DANBlock):  # [N, B, C]: this neuron's
+                x, gy = x[modules[lid].neuron], gy[modules[lid].neuron]
+            a, g = self._batch_factors(lid, x, gy, n_out)
             if lid in self.factors:
                 self.factors[lid][0].mul_(d).add_(a, alpha=1 - d)
                 self.factors[lid][1].mul_(d).add_(g, alpha=1 - d)

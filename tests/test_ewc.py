@@ -276,3 +276,108 @@ def test_auto_backend_falls_back_where_clfast_fisher_refuses_at_run_time():
     assert not converted._use_clfast()
     with pytest.raises(ValueError, match="fisher_backend must be one of"):
         clfast.EWC(model, "diag", variant="empirical", fisher_backend="bogus")
+
+
+def _dan(seed=0):
+    """Two clfast.nn DAN layers (2 neurons, then 1 without biases) on 10 features, 5 classes."""
+    torch.manual_seed(seed)
+    return nn.Sequential(clfast.nn.DANLayer(2, 10, 6, 4), nn.Tanh(), clfast.nn.DANLayer(1, 8, 5, 5, bias=False))
+
+
+def _dan_loader(seed, n=30):
+    g = torch.Generator().manual_seed(seed)
+    data = torch.utils.data.TensorDataset(torch.randn(n, 10, generator=g), torch.randint(0, 5, (n,), generator=g))
+    return torch.utils.data.DataLoader(data, batch_size=12)
+
+
+@needs_nngeometry
+@pytest.mark.parametrize("rep", ["diag", "kfac", "dense", "blockdiag"])
+@pytest.mark.parametrize("mode", ["separate", "online"])
+def test_dan_penalty_and_gradient_equal_nngeometrys_vtmv(backend, rep, mode):
+    """On DAN layers (per-neuron blocks, views of the stacked parameters): the penalty equals nngeometry's vTMv of
+    each stored Fisher, its autograd gradient reaches the stacked parameters, and add_penalty_grad_ adds the same
+    gradient into their .grad."""
+    model = _dan()
+    ewc = clfast.EWC(model, rep, mode=mode, gamma=0.7)
+    layers, terms = ewc.layers, []
+    for task in range(2):
+        _perturb(model, 10 + task)
+        ewc.consolidate(_dan_loader(task))
+        anchor = [p.detach().clone() for p in layers.parameters()]
+        terms = [(0.7 * c if mode == "online" else c, f, anchor if mode == "online" else a) for c, f, a in terms]
+        terms.append((1.0, ewc.fishers[-1], anchor))
+    model.train()
+    _perturb(model, 99)
+    expected = sum(c * f.vTMv(layers.pvector([p - q for p, q in zip(layers.parameters(), a)])) for c, f, a in terms)
+    got = ewc.penalty()
+    torch.testing.assert_close(got, expected.to(got.dtype), rtol=1e-5, atol=1e-8)
+    assert float(got.detach()) > 0
+    leaves = list(model.parameters())
+    g_expected = torch.autograd.grad(expected, leaves)
+    for a, b in zip(torch.autograd.grad(ewc.penalty(), leaves), g_expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    for p in leaves:
+        p.grad = torch.ones_like(p)
+    ewc.add_penalty_grad_(0.5)
+    for p, b in zip(leaves, g_expected):
+        torch.testing.assert_close(p.grad, 1 + 0.5 * b, rtol=1e-4, atol=1e-6)
+    state = ewc.state_dict()
+    other = clfast.EWC(model, rep, mode=mode)
+    other.load_state_dict(state)
+    torch.testing.assert_close(other.penalty(), got)
+
+
+@needs_nngeometry
+def test_dan_models_need_clfast_fisher():
+    model = _dan()
+    for kwargs in (dict(fisher_backend="nngeometry"), dict(representation="ekfac"),
+                   dict(variant="classif_binary_logits")):
+        with pytest.raises(ValueError, match="nngeometry's FIM cannot hook clfast.nn DAN layers"):
+            clfast.EWC(model, **kwargs)
+    ewc = clfast.EWC(model, "diag", variant="empirical")  # squared minibatch gradients need no Fisher backend
+    loader = _dan_loader(0)
+    ewc.consolidate(loader)
+    total = 0
+    model.eval()  # as consolidate() computes it
+    for x, y in loader:
+        grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+        total = total + torch.cat([g.reshape(-1) for g in ewc.layers.of(list(grads))]) ** 2
+    torch.testing.assert_close(ewc.fishers[0].data, total / len(loader))
+
+
+@needs_nngeometry
+@pytest.mark.parametrize("kind, rep", [("DAN", "diag"), ("small", "dense"), ("small", "blockdiag")])
+def test_dan_training_with_ewc_follows_the_per_neuron_model_with_nngeometrys_fim(backend, kind, rep):
+    """Three tasks of SGD with the EWC penalty: a clfast DAN with clfast.fisher's Fisher and its per-neuron
+    model (``to_reference()``) with nngeometry's FIM keep the same parameters, Fishers and penalties."""
+    torch.manual_seed(0)
+    if kind == "DAN":
+        dan = clfast.nn.DAN(10, 5)
+        ref = dan.to_reference()
+    else:
+        dan = _dan()
+        ref = nn.Sequential(*[m.to_reference() if isinstance(m, clfast.nn.DANLayer) else m for m in dan])
+    runs = []
+    for model, fisher_backend in ((dan, "clfast"), (ref, "nngeometry")):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        ewc = clfast.EWC(model, rep, fisher_backend=fisher_backend)
+        penalties, fishers = [], []
+        for task in range(3):
+            x, y = _dan_loader(task).dataset.tensors
+            loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x + task, y), batch_size=12)
+            model.train()
+            for xb, yb in loader:
+                loss = F.cross_entropy(model(xb), yb) + 10.0 * ewc.penalty()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            ewc.consolidate(loader)
+            penalties.append(float(ewc.penalty().detach()))
+            fishers.append(ewc.fishers[-1].get_diag())
+        runs.append((penalties, fishers, torch.cat([p.detach().reshape(-1) for p in ewc.parameters()])))
+    (p1, f1, w1), (p2, f2, w2) = runs
+    assert p1[1] > 0
+    torch.testing.assert_close(p1, p2, rtol=1e-4, atol=1e-9)
+    for a, b in zip(f1, f2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(w1, w2, rtol=1e-4, atol=1e-6)

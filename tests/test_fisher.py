@@ -340,3 +340,144 @@ def test_patches_are_unfolds_columns(conv):
     mod, x = nn.Conv2d(3, 4, **conv), torch.randn(2, 3, 9, 8)
     expected = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
     assert torch.equal(_patches(mod, x), expected.transpose(1, 2))
+
+
+# ---- clfast.nn DAN layers: per-neuron blocks laid out as nngeometry lays out the per-neuron model ----------------
+
+def _dan_model(seed=0, act=None):
+    """A Linear, two DAN layers (3 and 2 neurons, the second without biases) and an in-place ReLU between them,
+    BatchNorm away from the identity."""
+    from clfast.nn import DANLayer
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 8), DANLayer(3, 8, 5, 4, act_fn=act), nn.ReLU(inplace=True),
+                          DANLayer(2, 12, 4, 3, bias=False))
+    with torch.no_grad():
+        for name, t in list(model.named_buffers()) + list(model.named_parameters()):
+            if "running_mean" in name or name.split(".")[-1] in ("bn1_weight", "bn1_bias", "bn2_weight", "bn2_bias"):
+                t.normal_()
+            elif "running_var" in name:
+                t.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def _dan_loader(n=20, batch_size=7, device="cpu"):
+    torch.manual_seed(1)
+    x = torch.randn(n, 6, device=device)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(n, device=device)),
+                                       batch_size=batch_size)
+
+
+def _per_neuron(model):
+    """The same network with each DAN layer as the per-neuron modules nngeometry knows."""
+    return nn.Sequential(*[m.to_reference() if isinstance(m, clfast.nn.DANLayer) else m for m in model]).eval()
+
+
+@pytest.mark.parametrize("rep", list(CLASSES))
+def test_dan_fisher_equals_nngeometrys_on_the_per_neuron_model(rep):
+    """The per-neuron model's layer ids, order and matrix from nngeometry's FIM; with KFAC, its factors of every
+    neuron's Linears, and each BatchNorm weight and bias a column whose G is that part of the exact diagonal."""
+    model, loader = _dan_model(), _dan_loader()
+    reference = _per_neuron(model)
+    ours = fisher(model, loader, rep)
+    assert type(ours) is CLASSES[rep]
+    if rep != "kfac":
+        _assert_same(ours, fim(reference, loader, CLASSES[rep], "classif_logits", "cpu",
+                               LayerCollection.from_model(reference)), rep)
+        return
+    linears = LayerCollection()
+    for mod in reference.modules():
+        if isinstance(mod, nn.Linear):
+            linears.add_layer_from_model(reference, mod)
+    ref = fim(reference, loader, PMatKFAC, "classif_logits", "cpu", linears)
+    diag = fisher(model, loader, "diag")
+    positions = diag.generator.layer_collection.p_pos
+    for lid, (a, g) in ours.data.items():
+        if lid in ref.data:
+            assert _rel(a, ref.data[lid][0]) <= 1e-6 and _rel(g, ref.data[lid][1]) <= 1e-6
+            continue
+        bn, part = lid.rsplit(".", 1)  # core.0.weight: the first half of the BatchNorm's diagonal entries
+        c = g.shape[0]
+        start = positions[bn] + (c if part == "bias" else 0)
+        assert torch.equal(a, torch.ones(1, 1)) and torch.equal(g, torch.diag(torch.diagonal(g)))
+        assert _rel(torch.diagonal(g), diag.data[start:start + c]) <= 1e-12
+    assert len(ours.data) == len(ref.data) + 2 * 2 * (3 + 2)
+
+
+def test_dan_fisher_equals_autograd_per_example_gradients():
+    """``1/n sum_i J_i^T (diag(p_i) - p_i p_i^T) J_i`` with each example's logit Jacobian taken by autograd through
+    the model's own forward and backward (the fused DAN op's), in the layout of the layer collection."""
+    from clfast._nngeometry import Layers
+
+    model, loader = _dan_model(act=nn.GELU()), _dan_loader(n=9)
+    layers = Layers(model)
+    leaves = layers.leaves()
+    x = torch.cat([b for b, _ in loader])
+    expected = 0
+    for i in range(len(x)):
+        logits = model(x[i:i + 1])[0]
+        jac = torch.stack([torch.cat([g.reshape(-1) for g in layers.of(list(torch.autograd.grad(
+            logits[c], leaves, retain_graph=True, allow_unused=True)))]) for c in range(len(logits))])
+        p = torch.softmax(logits.detach(), 0)
+        expected = expected + jac.T @ (torch.diag(p) - torch.outer(p, p)) @ jac
+    expected = expected / len(x)
+    dense = fisher(model, loader, "dense").data
+    assert _rel(dense, expected) <= 1e-10
+    assert _rel(fisher(model, loader, "diag").data, torch.diagonal(expected)) <= 1e-10
+    torch.testing.assert_close(fisher(model, loader, "dense", chunk_size=2).data, dense, rtol=1e-12, atol=1e-14)
+
+
+@needs_native
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("rep", ["diag", "kfac"])
+def test_dan_fisher_native_kernels_match_the_reference_ops(rep, device):
+    model, loader = _dan_model().to(device), _dan_loader(device=device)
+    got = fisher(model, loader, rep)
+    clfast.set_backend("reference")
+    try:
+        expected = fisher(model, loader, rep)
+    finally:
+        clfast.set_backend("native")
+    torch.testing.assert_close(got.to_torch(), expected.to_torch(), rtol=1e-12, atol=1e-12)
+
+
+def test_dan_models_it_cannot_take_are_refused_clearly():
+    from clfast.nn import VECDAN, DANLayer
+    from clfast._nngeometry import Layers
+
+    with pytest.raises(ValueError, match="does not cover .*not a shared phenotype"):
+        fisher(nn.Sequential(DANLayer(3, 4, 5, 2, shared=True)), _dan_loader(), "diag")
+    with pytest.raises(ValueError, match="cannot handle this model .*_Phenotype"):
+        fisher(VECDAN(6, 3, neurons=(2,)), _dan_loader(), "diag")
+    model = _dan_model()
+    collection = LayerCollection()
+    collection.add_layer("1.neurons.7.core.1", Layers(model).collection.layers["1.neurons.0.core.1"])
+    with pytest.raises(ValueError, match="names no module of the model"):
+        fisher(model, _dan_loader(), "diag", layer_collection=collection)
+    collection = LayerCollection()  # a subset of a DAN layer's blocks: those blocks only
+    full = Layers(model).collection.layers
+    for lid in ("0", "3.neurons.1.core.4", "1.neurons.2.core.0"):
+        collection.add_layer(lid, full[lid])
+    sub = fisher(model, _dan_loader(), "diag", layer_collection=collection)
+    whole = fisher(model, _dan_loader(), "diag")
+    pos = whole.generator.layer_collection.p_pos
+    expected = torch.cat([whole.data[pos[lid]:pos[lid] + full[lid].numel()] for lid in collection.layers])
+    assert _rel(sub.data, expected) <= 1e-12
+    twice = DANLayer(2, 8, 5, 4)  # 8 -> 8, applied twice
+    with pytest.raises(ValueError, match="runs more than once"):
+        fisher(nn.Sequential(nn.Linear(6, 8), twice, nn.Tanh(), twice), _dan_loader(), "diag")
+
+
+class _Square(nn.Module):  # an activation whose backward refuses vmap
+    def forward(self, x):
+        return _ScalarBackward.apply(x)
+
+
+@pytest.mark.parametrize("rep", ["diag", "blockdiag"])
+def test_dan_fisher_without_vmap_falls_back_to_replicated_batches(rep):
+    model, loader = _dan_model(act=_Square()), _dan_loader()
+    with pytest.warns(RuntimeWarning, match="replicated"):
+        ours = fisher(model, loader, rep)
+    reference = _per_neuron(model)
+    _assert_same(ours, fim(reference, loader, CLASSES[rep], "classif_logits", "cpu",
+                           LayerCollection.from_model(reference)), rep)

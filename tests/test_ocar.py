@@ -105,3 +105,63 @@ def test_exact_mode_fisher_backends_agree(backend, rep):
         grads[fisher_backend] = torch.cat([p.grad.reshape(-1) for p in ocar.layers.parameters()])
     want = grads["nngeometry"]
     torch.testing.assert_close(grads["clfast"], want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("rep", list(REPS))
+def test_dan_exact_mode_equals_nngeometrys_solve_of_clfast_fisher(backend, rep):
+    """On DAN layers: the preconditioned gradient is nngeometry's own solve with the Fisher clfast.fisher gives
+    for the union batch (in eval mode), written into the stacked parameters' .grad; ema mode is refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(clfast.nn.DANLayer(2, 10, 6, 4), nn.Tanh(), clfast.nn.DANLayer(1, 8, 5, 5, bias=False))
+    x, y = _batch(24, 1, (10,))
+    ocar = clfast.OCAR(model, clfast.ReservoirBuffer(10), torch.optim.SGD(model.parameters(), lr=0.0), rep,
+                       damping=1e-2)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    fisher = clfast.fisher(model, [(x,)], rep)
+    expected = fisher.solvePVec(ocar.layers.pvector(ocar.layers.grads()), regul=1e-2).to_torch()
+    ocar.precondition_(x, y)
+    got = torch.cat([g.reshape(-1) for g in ocar.layers.grads()])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    assert model.training
+
+
+def _dan(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(clfast.nn.DANLayer(2, 10, 6, 4), nn.Tanh(), clfast.nn.DANLayer(1, 8, 5, 5, bias=False))
+
+
+def test_dan_ema_factors_converge_to_clfast_fishers_per_neuron_kfac():
+    """Sampled-label factors of every neuron's Linears (and the diagonal blocks of its BatchNorms) average to the
+    exact per-neuron KFAC of clfast.fisher on a fixed batch (eval mode: BatchNorm on running statistics)."""
+    model = _dan().eval()
+    x, _ = _batch(32, 2, (10,))
+    ocar = clfast.OCAR(model, clfast.ReservoirBuffer(10), None, "kfac", fisher="ema", ema_decay=0.998,
+                       generator=torch.Generator().manual_seed(0))
+    for _ in range(1500):
+        ocar.forward(x)
+    exact = clfast.fisher(model, [(x,)], "kfac").data
+    assert list(ocar.factors) == list(exact)
+    for lid, (a, g) in exact.items():
+        ema_a, ema_g = ocar.factors[lid]
+        torch.testing.assert_close(ema_a, a, rtol=1e-4, atol=1e-5)
+        assert float((ema_g - g).norm() / g.norm()) < 0.1, lid
+
+
+def test_dan_ema_training_forward_gives_the_fused_layers_gradients_and_statistics():
+    """In train mode the recorded forward runs the rest of the network on the DAN layers' recomputation (batch
+    statistics): the loss, the parameters' gradients and the running statistics are those of the plain model."""
+    model, plain = _dan(), _dan()
+    x, y = _batch(16, 3, (10,))
+    ocar = clfast.OCAR(model, clfast.ReservoirBuffer(10), None, "kfac", fisher="ema",
+                       generator=torch.Generator().manual_seed(0))
+    loss = F.cross_entropy(ocar.forward(x), y)
+    expected = F.cross_entropy(plain(x), y)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    expected.backward()
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    for (name, b), c in zip(model.named_buffers(), plain.buffers()):
+        torch.testing.assert_close(b, c, msg=name)
+    assert set(ocar.factors) == set(ocar.layers.modules)

@@ -1,5 +1,6 @@
 """The experiment runner end to end on tiny generated datasets (and the real Fashion-MNIST where installed)."""
 import json
+import math
 import os
 import platform
 import signal
@@ -489,10 +490,24 @@ def test_dan_model_runs_and_matches_reference_backend(tmp_path, fake_fmnist):  #
         assert a["average_accuracy"] == pytest.approx(b["average_accuracy"], abs=0.02)
 
 
-def test_dan_model_refuses_fisher_methods_clearly(tmp_path, fake_fmnist, capsys):  # noqa: F811
-    doc, _ = _run(tmp_path, fake_fmnist, "--model", "dan", "--methods", "finetune,ewc", code=1)
-    assert "nngeometry's Fisher does not cover" in doc["methods"]["ewc"]["error"]
-    assert "nngeometry's Fisher does not cover" in capsys.readouterr().out
+def test_dan_model_runs_the_fisher_methods(tmp_path, fake_fmnist):  # noqa: F811
+    """EWC (diag and per-neuron KFAC) and OCAR (ema and exact) on the DAN, its Fisher by clfast.fisher."""
+    doc, _ = _run(tmp_path, fake_fmnist, "--model", "dan", "--methods", "ewc,ocar", name="defaults")
+    kfac, _ = _run(tmp_path, fake_fmnist, "--model", "dan", "--methods", "ewc,ocar", "--ewc-representation", "kfac",
+                   "--ocar-fisher", "exact", name="kfac")
+    for result in (doc, kfac):
+        for name in ("ewc", "ocar"):
+            run = result["methods"][name]["runs"][0]
+            assert result["methods"][name]["status"] == "ok" and len(run["acc_matrix"]) == 5
+            assert all(math.isfinite(a) for row in run["acc_matrix"] for a in row if a is not None)
+        assert result["methods"]["ewc"]["runs"][0]["consolidation_s"] > 0
+
+
+def test_dan_model_refuses_nngeometrys_fisher_clearly(tmp_path, fake_fmnist, capsys):  # noqa: F811
+    doc, _ = _run(tmp_path, fake_fmnist, "--model", "dan", "--methods", "finetune,ewc", "--fisher-backend",
+                  "nngeometry", code=1)
+    assert "nngeometry's FIM cannot hook clfast.nn DAN layers" in doc["methods"]["ewc"]["error"]
+    assert "use fisher_backend='auto' or 'clfast'" in capsys.readouterr().out
 
 
 def test_largest_eigenvalue_of_summed_fishers_matches_the_dense_matrices():
