@@ -1,6 +1,8 @@
 """The Fisher of an MLP 784-400-400-10 and of Base_Net on 2,000 examples in batches of 200: nngeometry 0.4's
 ``FIM`` (classif_logits, one backward per class) vs ``clfast.fisher`` (one batched backward per batch), diagonal
-and KFAC; and on the MLP BackPACK's ``DiagGGNExact`` (the same diagonal for softmax cross-entropy)."""
+and KFAC; on the MLP BackPACK's ``DiagGGNExact`` (the same diagonal for softmax cross-entropy); and the
+``clfast.nn.DAN(784, 10)`` of the runner against nngeometry's ``FIM`` of its per-neuron model (``to_reference()``),
+which is the same matrix (for KFAC nngeometry's covers the Linears only: it has no factors for BatchNorm)."""
 import copy
 
 import pytest
@@ -25,12 +27,32 @@ def _setup(device, kind="mlp"):
         torch.manual_seed(0)
         if kind == "mlp":
             model = nn.Sequential(nn.Linear(784, 400), nn.ReLU(), nn.Linear(400, 400), nn.ReLU(), nn.Linear(400, 10))
+        elif kind == "dan":
+            model = clfast.nn.DAN(784, 10)
         else:
             model = BaseNet(num_classes=10)
-        ds = torch.utils.data.TensorDataset(torch.rand(2000, *((784,) if kind == "mlp" else (1, 28, 28)),
+        ds = torch.utils.data.TensorDataset(torch.rand(2000, *((1, 28, 28) if kind == "basenet" else (784,)),
                                                        device=device), torch.randint(0, 10, (2000,), device=device))
         _CACHE[device, kind] = model.to(device).eval(), torch.utils.data.DataLoader(ds, batch_size=200)
     return _CACHE[device, kind]
+
+
+def _nngeometry_model(device, kind):
+    """What nngeometry computes the Fisher of, and its layer collection: a DAN as its per-neuron modules (for KFAC
+    their Linears)."""
+    from nngeometry.layercollection import LayerCollection
+
+    model, _ = _setup(device, kind)
+    if kind != "dan":
+        return model, None
+    if ("reference", device) not in _CACHE:
+        ref = model.to_reference().eval()
+        linears = LayerCollection()
+        for mod in ref.modules():
+            if isinstance(mod, nn.Linear):
+                linears.add_layer_from_model(ref, mod)
+        _CACHE["reference", device] = ref, linears
+    return _CACHE["reference", device]
 
 
 def _backpack(device):
@@ -60,27 +82,32 @@ def _backpack_diag(extended, loss_fn, loader):
 
 @pytest.mark.parametrize("impl", ["nngeometry", "clfast", "backpack"])
 @pytest.mark.parametrize("rep", ["diag", "kfac"])
-@pytest.mark.parametrize("kind", ["mlp", "basenet"])
+@pytest.mark.parametrize("kind", ["mlp", "basenet", "dan"])
 def test_fisher(benchmark, device, kind, rep, impl):
     model, loader = _setup(device, kind)
     if impl == "backpack":
         if rep != "diag":
             pytest.skip("BackPACK's KFAC is a Monte-Carlo estimate, not this Fisher")
+        if kind == "dan":
+            pytest.skip("BackPACK does not know DAN layers, and the per-neuron model is no Sequential")
         if kind != "mlp":
             pytest.skip("BackPACK's second-order extensions need a Sequential of modules; Base_Net's forward "
                         "reuses one ReLU and reshapes between modules")
         pytest.importorskip("backpack")
         extended, loss_fn = _backpack(device)
     cls = {"diag": PMatDiag, "kfac": PMatKFAC}[rep]
+    if impl == "nngeometry":
+        theirs, linears = _nngeometry_model(device, kind)
+        collection = linears if rep == "kfac" else None
 
     def step():
         if impl == "nngeometry":
-            FIM(model, loader, cls, variant="classif_logits", device=device)
+            FIM(theirs, loader, cls, variant="classif_logits", device=device, layer_collection=collection)
         elif impl == "clfast":
             clfast.fisher(model, loader, rep)
         else:
             _backpack_diag(extended, loss_fn, loader)
 
-    name = "MLP 784-400-400-10" if kind == "mlp" else "Base_Net"
+    name = {"mlp": "MLP 784-400-400-10", "basenet": "Base_Net", "dan": "DAN(784, 10)"}[kind]
     measure(benchmark, step, device, f"Fisher {rep}, {name}, 2000 examples",
             f"test_fisher[{device}-{kind}-{rep}-nngeometry]")

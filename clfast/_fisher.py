@@ -159,10 +159,12 @@ def use_clfast(fisher_backend: str, layers: Layers, representation: str, variant
     computation, so a model converted since (``.half()``) is judged as it is then."""
     backend = checked_backend(fisher_backend, who)
     reason = unsupported(layers, representation, variant)
-    if layers.has_dan and (backend == "nngeometry" or reason is not None):
+    if layers.has_dan and reason is not None:
         raise ValueError(f"{who}: nngeometry's FIM cannot hook clfast.nn DAN layers, so only clfast.fisher computes "
-                         f"this model's Fisher{', which refuses it: ' + reason if reason else ''}; use "
-                         "fisher_backend='auto' or 'clfast'")
+                         f"this model's Fisher, and it refuses this one: {reason}")
+    if layers.has_dan and backend == "nngeometry":
+        raise ValueError(f"{who}: nngeometry's FIM cannot hook clfast.nn DAN layers, so only clfast.fisher computes "
+                         "this model's Fisher; use fisher_backend='auto' or 'clfast'")
     if backend == "nngeometry":
         return False
     if reason is not None and backend == "clfast":
@@ -268,6 +270,9 @@ class _Collector:
                              f"{list(logits.shape)}")
         if not logits.requires_grad:
             raise ValueError("clfast.fisher: the model's logits have no gradient (is its forward under no_grad?)")
+        if logits.shape[0] != x.shape[0]:
+            raise ValueError(f"clfast.fisher: the model maps inputs {list(x.shape)} to logits {list(logits.shape)}; the "
+                             "examples must be on the first dimension of both")
         w = whitening(logits.detach())  # [K, B, C]
         k, b = w.shape[0], w.shape[1]
         if self.batched:
@@ -350,6 +355,7 @@ class _Collector:
         return self.total[key]
 
     def _batch(self, xs: Dict[str, Tensor], gys: Dict[str, Tensor], first: bool) -> None:
+        self._squares: Dict[Any, Tensor] = {}
         live = [lid for lid in self.lids if lid in gys]  # a layer the logits do not depend on adds nothing
         if not live:
             return
@@ -400,14 +406,33 @@ class _Collector:
         parts = [gw.reshape(b * k, -1)] + ([gb.reshape(b * k, -1)] if self._has_bias(lid) else [])
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
+    def _elementwise_diag(self, lid: str, x: Tensor, gy: Tensor) -> List[Tensor]:
+        """The diagonal of a BatchNorm on ``[B, C]`` (or of a DAN BatchNorm's weight or bias alone): each
+        example's gradient is ``gy * x`` (``gy``) elementwise, so the sum over examples and outputs of its squares
+        is ``sum_b x^2 sum_k gy^2``, weight then bias."""
+        mod = self.layers.modules[lid]
+        key = (mod.name, mod.index, mod.neuron) if isinstance(mod, DANBlock) else lid
+        if key not in self._squares:  # a DAN BatchNorm's weight and bias blocks share it
+            self._squares[key] = (gy * gy).sum(1)  # [B, C]
+        s = self._squares[key]
+        if mod.kind == "shift" if isinstance(mod, DANBlock) else False:
+            return [s.sum(0)]
+        xn = x if isinstance(mod, DANBlock) else _normalised(mod, x)
+        weight = (s * (xn * xn)).sum(0)
+        return [weight, s.sum(0)] if self._has_bias(lid) else [weight]
+
     def _has_bias(self, lid: str) -> bool:
         return self.layers.modules[lid].bias is not None
 
     def _diag(self, lid: str, x: Tensor, gy: Tensor) -> None:
         mod = self.layers.modules[lid]
         acc = self._acc(lid, (self.numel[lid],), gy)
-        if _kind(mod) == "linear":  # sum_{i,k} gy_ik^2 x_i^2 = (sum_k gy_k^2)^T x^2: one fused GEMM
+        kind = _kind(mod)
+        if kind == "linear":  # sum_{i,k} gy_ik^2 x_i^2 = (sum_k gy_k^2)^T x^2: one fused GEMM
             ops.fisher_diag_(acc, _flat(lid, x), gy, mod.bias is not None)
+            return
+        if kind != "conv" and gy.dim() == 3:  # an elementwise affine on [B, C]
+            acc.add_(torch.cat(self._elementwise_diag(lid, x, gy)))
             return
         for sl in self._chunks(x.shape[0], gy.shape[1], self.numel[lid], x.dtype):
             j = self._per_example(lid, x[sl], gy[sl])
@@ -419,8 +444,7 @@ class _Collector:
         convolution."""
         mod = self.layers.modules[lid]
         if _kind(mod) in ("scale", "shift"):  # a DAN BatchNorm's weight or bias: its exact diagonal, for G
-            g = gy * x[:, None] if mod.kind == "scale" else gy
-            self._acc((lid, "g"), (gy.shape[2],), gy).add_((g * g).sum((0, 1)))
+            self._acc((lid, "g"), (gy.shape[2],), gy).add_(self._elementwise_diag(lid, x, gy)[0])
             return
         size_a = mod.weight[0].numel() + (mod.bias is not None)
         a = self._acc((lid, "a"), (size_a, size_a), gy) if first else None
@@ -493,7 +517,8 @@ def dan_parts(layer: nn.Module, x: Tensor) -> Tuple[Tensor, Dict[str, Tuple[Tens
     act, eps = layer.act_fn, layer.eps
 
     def activate(h: Tensor) -> Tensor:  # on [N * B, C], the [batch, features] layout the per-neuron act sees
-        return act(h.reshape(-1, h.shape[-1])).view(h.shape)
+        # on a copy: an in-place activation (ReLU(inplace=True)) would overwrite the Linear output it is given
+        return act(h.reshape(-1, h.shape[-1]).clone()).view(h.shape)
 
     def normalise(h: Tensor, mean: Tensor, var: Tensor) -> Tensor:
         if layer.training:

@@ -149,10 +149,12 @@ def dan_blocks(name: str, layer: nn.Module, kronecker: bool) -> List[Tuple[str, 
 
 def _dan_layers(model: nn.Module) -> Dict[str, nn.Module]:
     """The model's clfast.nn DAN layers with one set of parameters per neuron (not a shared phenotype)."""
+    from torch.nn.utils.parametrize import is_parametrized
+
     from .nn.dan import DANLayer
 
     return {name: mod for name, mod in model.named_modules()
-            if isinstance(mod, DANLayer) and mod.weight1.shape[0] == mod._n}
+            if isinstance(mod, DANLayer) and mod.weight1.shape[0] == mod._n and not is_parametrized(mod)}
 
 
 _DAN_ID = re.compile(r"^(?:(.*)\.)?neurons\.(\d+)\.core\.([01346])(?:\.(weight|bias))?$")
@@ -167,7 +169,7 @@ def _resolve(lid: str, named: Dict[str, nn.Module], dan: Dict[str, nn.Module]):
     layer = dan.get(name or "")
     if layer is None or int(neuron) >= layer.weight1.shape[0] or (only is not None and index not in ("0", "3")):
         raise ValueError(f"layer id {lid!r} names no module of the model, nor a neuron's part of one of its clfast.nn "
-                         "DAN layers")
+                         "DAN layers (with one set of unparametrized parameters per neuron)")
     return DANBlock(name or "", layer, int(neuron), index, only)
 
 
@@ -201,6 +203,17 @@ class Layers:
                         self.collection.add_layer(lid, block.nngeometry_layer())
         named = dict(model.named_modules())
         self.modules: Dict[str, Any] = {lid: _resolve(lid, named, dan) for lid in self.collection.layers}
+        for lid, mod in self.modules.items():
+            given = self.collection.layers[lid]
+            if isinstance(mod, DANBlock):
+                if isinstance(given, BatchNorm1dLayer) and kronecker:
+                    raise ValueError(f"{who}: a Kronecker-factored Fisher takes a DAN layer's BatchNorm '{lid}' as two "
+                                     f"diagonal blocks, '{lid}.weight' and '{lid}.bias' (the default collection)")
+                expected = mod.nngeometry_layer()
+                if type(given) is not type(expected) or given.numel() != expected.numel() or given != expected:
+                    raise ValueError(f"{who}: the layer collection describes '{lid}' as {given} of {given.numel()} "
+                                     f"parameters, but that part of the DAN layer is {expected} of "
+                                     f"{expected.numel()}")
         self.has_dan = any(isinstance(m, DANBlock) for m in self.modules.values())
         if layer_collection is None:
             covered = {id(p) for p in self.leaves()}
@@ -208,8 +221,8 @@ class Layers:
             if missed:
                 raise ValueError(f"{who}: the Fisher does not cover {len(missed)} parameter(s) of this model "
                                  f"({', '.join(missed[:4])}{', ...' if len(missed) > 4 else ''}): it knows Linear, "
-                                 "Conv2d and BatchNorm layers and clfast.nn DAN layers (not a shared phenotype) "
-                                 "only. Pass layer_collection= to regularise a subset explicitly, or use a method "
+                                 "Conv2d and BatchNorm layers and clfast.nn DAN layers (not a shared phenotype, "
+                                 "not parametrized) only. Pass layer_collection= to regularise a subset explicitly, or use a method "
                                  "without a Fisher (si, replay).")
         if kronecker:
             for lid, layer in self.collection.layers.items():

@@ -195,7 +195,7 @@ class EWCPlugin(SupervisedPlugin):
                            gamma=1.0 if self.decay_factor is None else self.decay_factor, variant=self.variant,
                            device=strategy.device, loss_fn=strategy._criterion)
         else:
-            _same_parameters(strategy.model, self.ewc.parameters(), "EWCPlugin")
+            _same_parameters(strategy.model, self.ewc.layers.leaves(), "EWCPlugin")
 
     def before_backward(self, strategy, **kwargs) -> None:
         if self.ewc.fishers:
@@ -331,7 +331,7 @@ class OCARPlugin(_Replaying, SupervisedPlugin):
                              None, loss_fn=strategy._criterion, generator=generator, **self.options)
 
     def before_training_exp(self, strategy, **kwargs) -> None:
-        _same_parameters(strategy.model, self.ocar.layers.parameters(), "OCARPlugin")
+        _same_parameters(strategy.model, self.ocar.layers.leaves(), "OCARPlugin")
 
     def before_training_iteration(self, strategy, **kwargs) -> None:
         self._join(strategy, self.ocar.replay(*self._keep_stream(strategy)))

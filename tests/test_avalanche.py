@@ -62,8 +62,14 @@ class Recorder(SupervisedPlugin):
         self.experiences[-1].append([t.clone() for t in strategy.mbatch])
 
 
-def _avalanche(bench, plugins, optimizer=clfast.optim.SGD, epochs=1, eval_every=-1, device="cpu", momentum=0.5):
-    model = _model()
+def _dan(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(clfast.nn.DANLayer(2, DIM, 8, 6), nn.Tanh(), clfast.nn.DANLayer(1, 12, 6, CLASSES))
+
+
+def _avalanche(bench, plugins, optimizer=clfast.optim.SGD, epochs=1, eval_every=-1, device="cpu", momentum=0.5,
+               make=_model):
+    model = make()
     recorder = Recorder()
     strategy = Naive(model=model, optimizer=optimizer(model.parameters(), lr=LR, momentum=momentum),
                      train_mb_size=MB, train_epochs=epochs, eval_mb_size=256, device=device,
@@ -270,6 +276,38 @@ def test_ocar_plugin_equals_clfast_ocar_by_hand(bench, fisher, eval_every):
         for x, y, _ in batches:
             ocar.step(x, y)
     _equal(model, ref)
+
+
+@pytest.mark.parametrize("fisher", ["exact", "ema"])
+def test_ewc_and_ocar_plugins_on_a_dan_equal_clfast_driven_by_hand(bench, fisher):
+    """A DAN's Fisher blocks hold views of its stacked parameters: the plugins still recognise the strategy's
+    model at every experience, and train it as clfast's modules do by hand."""
+    plugin = EWCPlugin(ewc_lambda=10.0, representation="kfac")
+    model, stream, _ = _avalanche(bench, [plugin], momentum=0.0, make=_dan)
+    assert len(plugin.ewc.fishers) == 3
+    ref = _dan()
+    opt = clfast.optim.SGD(ref.parameters(), lr=LR)
+    ewc = clfast.EWC(ref, "kfac")
+    for batches in stream:
+        ref.train()
+        for x, y, _ in batches:
+            opt.zero_grad()
+            (F.cross_entropy(ref(x), y) + 10.0 * ewc.penalty()).backward()
+            opt.step()
+        ewc.consolidate([(x, y) for x, y, _ in batches])
+    _equal(model, ref, exact=False)
+
+    plugin = OCARPlugin(mem_size=48, damping=0.1, fisher=fisher, refresh=3, seed=5)
+    model, stream, _ = _avalanche(bench, [plugin], momentum=0.0, make=_dan)
+    ref = _dan()
+    g = torch.Generator().manual_seed(5)
+    ocar = clfast.OCAR(ref, clfast.ReservoirBuffer(48, generator=g), clfast.optim.SGD(ref.parameters(), lr=LR),
+                       damping=0.1, fisher=fisher, refresh=3, generator=g)
+    for batches in stream:
+        for x, y, _ in batches:
+            ocar.step(x, y)
+    assert not torch.equal(model[0].weight1, _dan()[0].weight1)
+    _equal(model, ref, exact=False)
 
 
 # ---- behaviour -----------------------------------------------------------------------------------------------------

@@ -404,12 +404,14 @@ def test_dan_fisher_equals_nngeometrys_on_the_per_neuron_model(rep):
     assert len(ours.data) == len(ref.data) + 2 * 2 * (3 + 2)
 
 
-def test_dan_fisher_equals_autograd_per_example_gradients():
+@pytest.mark.parametrize("act", [nn.GELU(), nn.ReLU(inplace=True)], ids=["gelu", "relu_inplace"])
+def test_dan_fisher_equals_autograd_per_example_gradients(act):
     """``1/n sum_i J_i^T (diag(p_i) - p_i p_i^T) J_i`` with each example's logit Jacobian taken by autograd through
-    the model's own forward and backward (the fused DAN op's), in the layout of the layer collection."""
+    the model's own forward and backward (the fused DAN op's), in the layout of the layer collection; an in-place
+    activation does not overwrite the recomputed layer's parts."""
     from clfast._nngeometry import Layers
 
-    model, loader = _dan_model(act=nn.GELU()), _dan_loader(n=9)
+    model, loader = _dan_model(act=act), _dan_loader(n=9)
     layers = Layers(model)
     leaves = layers.leaves()
     x = torch.cat([b for b, _ in loader])
@@ -463,6 +465,18 @@ def test_dan_models_it_cannot_take_are_refused_clearly():
     pos = whole.generator.layer_collection.p_pos
     expected = torch.cat([whole.data[pos[lid]:pos[lid] + full[lid].numel()] for lid in collection.layers])
     assert _rel(sub.data, expected) <= 1e-12
+    bad = LayerCollection()  # a DAN id described as another layer
+    bad.add_layer("1.neurons.0.core.1", full["1.neurons.0.core.4"])
+    with pytest.raises(ValueError, match="describes '1.neurons.0.core.1' as"):
+        fisher(model, _dan_loader(), "diag", layer_collection=bad)
+    with pytest.raises(ValueError, match="as two diagonal blocks, '1.neurons.2.core.0.weight'"):
+        fisher(model, _dan_loader(), "kfac", layer_collection=collection)
+    with pytest.raises(ValueError, match="examples must be on the first dimension"):  # [N, B, ni] model input
+        fisher(DANLayer(3, 4, 5, 2).eval(), [(torch.randn(3, 9, 4),)], "diag")
+    parametrized = _dan_model()
+    torch.nn.utils.parametrize.register_parametrization(parametrized[1], "weight1", nn.Identity())
+    with pytest.raises(ValueError, match="does not cover 10 .*not parametrized"):
+        fisher(parametrized, _dan_loader(), "diag")
     twice = DANLayer(2, 8, 5, 4)  # 8 -> 8, applied twice
     with pytest.raises(ValueError, match="runs more than once"):
         fisher(nn.Sequential(nn.Linear(6, 8), twice, nn.Tanh(), twice), _dan_loader(), "diag")

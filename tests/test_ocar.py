@@ -109,8 +109,9 @@ def test_exact_mode_fisher_backends_agree(backend, rep):
 
 @pytest.mark.parametrize("rep", list(REPS))
 def test_dan_exact_mode_equals_nngeometrys_solve_of_clfast_fisher(backend, rep):
-    """On DAN layers: the preconditioned gradient is nngeometry's own solve with the Fisher clfast.fisher gives
-    for the union batch (in eval mode), written into the stacked parameters' .grad; ema mode is refused."""
+    """On DAN layers: the preconditioned gradient is nngeometry's own solve (pi-damped for KFAC) with the Fisher
+    clfast.fisher gives for the union batch (in eval mode; tests/test_fisher.py checks that Fisher), written into
+    the stacked parameters' .grad."""
     torch.manual_seed(0)
     model = nn.Sequential(clfast.nn.DANLayer(2, 10, 6, 4), nn.Tanh(), clfast.nn.DANLayer(1, 8, 5, 5, bias=False))
     x, y = _batch(24, 1, (10,))
