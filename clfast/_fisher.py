@@ -520,13 +520,14 @@ def dan_parts(layer: nn.Module, x: Tensor) -> Tuple[Tensor, Dict[str, Tuple[Tens
         # on a copy: an in-place activation (ReLU(inplace=True)) would overwrite the Linear output it is given
         return act(h.reshape(-1, h.shape[-1]).clone()).view(h.shape)
 
-    def normalise(h: Tensor, mean: Tensor, var: Tensor) -> Tensor:
-        if layer.training:
-            var, mean = torch.var_mean(h, dim=1, correction=0)
+    def normalise(h: Tensor, mean: Tensor, var: Tensor, shared: Optional[Tensor] = None) -> Tensor:
+        if layer.training:  # an input every neuron reads has its batch statistics computed once
+            var, mean = (torch.var_mean(h, dim=1, correction=0) if shared is None else
+                         (t.expand(len(h), -1) for t in torch.var_mean(shared, dim=0, correction=0)))
         return (h - mean[:, None]) * torch.rsqrt(var[:, None] + eps)
 
     h = x.unsqueeze(0).expand(w1.shape[0], *x.shape) if x.dim() == 2 else x
-    xh1 = normalise(h, rm1, rv1)
+    xh1 = normalise(h, rm1, rv1, x if x.dim() == 2 else None)
     u1 = g1[:, None] * xh1 + b1[:, None]
     z1 = _linear(u1, w1, c1)
     xh2 = normalise(activate(z1), rm2, rv2)
