@@ -15,7 +15,7 @@ from typing import Deque, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import _distributed, ops
 
 UTILITIES = ("contribution", "zero_contribution", "adaptable_contribution")
 
@@ -120,13 +120,19 @@ class CBP:
         layers: explicit ``(layer, next_layer)`` or ``(layer, next_layer, feature_module)`` pairs (modules or
             names); the activation is the feature module's output (default: as found between the two).
         generator: ``torch.Generator`` for the new weights (on the model's device).
+        distributed, process_group: under ``torch.distributed`` (by default whenever a process group is
+            initialised; ``distributed=False`` turns it off) each step averages the utilities and activation means
+            over the group's ranks, weighted by their batch sizes (one all-reduce), and every rank takes the new
+            weights its first rank drew (one broadcast per step that replaces units), so the ranks of a DDP model
+            replace the same units with the same weights and stay identical.
     """
 
     def __init__(self, model: nn.Module, replacement_rate: float = 1e-4, maturity_threshold: int = 100,
                  utility_decay_rate: float = 0.99, utility: str = "contribution", init: str = "kaiming",
                  optimizer: Optional[torch.optim.Optimizer] = None,
                  layers: Optional[Sequence[Sequence[Union[str, nn.Module]]]] = None,
-                 generator: Optional[torch.Generator] = None) -> None:
+                 generator: Optional[torch.Generator] = None, distributed: Optional[bool] = None,
+                 process_group=None) -> None:
         if not 0 <= replacement_rate <= 1:
             raise ValueError(f"replacement_rate must be in [0, 1], got {replacement_rate}")
         if int(maturity_threshold) != maturity_threshold or maturity_threshold < 0:
@@ -138,6 +144,8 @@ class CBP:
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         self.model, self.optimizer, self.generator = model, optimizer, generator
+        self.distributed, self.process_group = _distributed.check(distributed, "CBP"), process_group
+        self._group = None  # the step's process group, for its replacements
         self.replacement_rate, self.maturity_threshold = float(replacement_rate), int(maturity_threshold)
         self.utility_decay_rate, self.utility, self.init = float(utility_decay_rate), utility, init
         self._layers = self._pairs(model, layers, init)
@@ -210,9 +218,13 @@ class CBP:
             raise RuntimeError(f"CBP.step: no activations for layer(s) {missing}; {hint}")
         dtype = self.utilities[0].dtype  # activations under autocast come in half precision
         feats = [source[L.name].detach().to(dtype) for L in self._layers]
+        group = _distributed.group(self.distributed, self.process_group, "CBP")
         ops.cbp_update_(self.utilities, self.means, self.ages, feats, [L.next.weight.detach() for L in self._layers],
                          [L.layer.weight.detach() for L in self._layers], self.utility_decay_rate,
                          self.utility)
+        if group is not None:  # the same decayed averages as one process on the global batch
+            _distributed.weighted_mean_(self.utilities + self.means, float(feats[0].shape[0]), group)
+        self._group = group
         self._captured = {}
         steps = self.steps + 1
         # Counts first, bookkeeping after the replacements: a failed call leaves the host state as it was.
@@ -247,6 +259,8 @@ class CBP:
         w = L.layer.weight
         new = torch.empty(count, w[0].numel(), dtype=w.dtype, device=w.device).uniform_(
             -L.bound, L.bound, generator=self.generator)
+        if self._group is not None:  # every rank draws (its generator moves on alike), the first rank's are kept
+            _distributed.broadcast_(new, self._group)
         bias = lambda mod: mod.bias.detach() if getattr(mod, "bias", None) is not None else None  # noqa: E731
         index = ops.cbp_replace_(w.detach(), bias(L.layer), L.next.weight.detach(), bias(L.next), u, m, a, new,
                                   self.utility_decay_rate, self.maturity_threshold)

@@ -1,0 +1,128 @@
+"""clfast under torch.distributed: two gloo processes on the CPU, each training one DDP replica on its own data.
+With synchronisation the ranks' parameters and continual-learning state stay bitwise equal (and, where the method
+is deterministic, equal to one process on the concatenated batches); without it CBP's ranks diverge, which shows
+the check can fail."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import clfast
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+WORLD, STEPS, BATCH = 2, 200, 16
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+
+
+def _batch(rank, step):
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    x = torch.randn(BATCH, 10, generator=g)
+    return x, (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+
+
+def _cbp(rank, distributed):
+    model = _mlp()
+    ddp = nn.parallel.DistributedDataParallel(model) if rank is not None else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    cbp = clfast.CBP(model, replacement_rate=0.02, maturity_threshold=20, optimizer=opt,
+                     generator=torch.Generator().manual_seed(1), distributed=distributed)
+    for step in range(STEPS):
+        x, y = _batch(rank, step)
+        opt.zero_grad()
+        F.cross_entropy(ddp(x), y).backward()
+        opt.step()
+        cbp.step()
+    return {"params": [p.detach() for p in model.parameters()], "utilities": cbp.utilities, "means": cbp.means,
+            "ages": cbp.ages, "replaced": cbp.stats()}
+
+
+def _si(rank, _):
+    """SI through the fused SGD: omega is accumulated from the gradient DDP has already averaged."""
+    model = _mlp()
+    ddp = nn.parallel.DistributedDataParallel(model) if rank is not None else model
+    si = clfast.SI(model, strength=1.0, epsilon=1e-3)
+    opt = clfast.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, si=si)
+    for step in range(STEPS):
+        if rank is None:  # one process on both ranks' batches
+            parts = [_batch(r, step) for r in range(WORLD)]
+            x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        else:
+            x, y = _batch(rank, step)
+        opt.zero_grad()
+        (F.cross_entropy(ddp(x), y) + si.penalty()).backward()
+        opt.step()
+        if step == STEPS // 2:
+            si.consolidate()
+    return {"params": [p.detach() for p in model.parameters()], "si": si.state_dict()}
+
+
+SCENARIOS = {"cbp": _cbp, "si": _si}
+
+
+def _worker(rank, scenario, option, folder):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=WORLD)
+    try:
+        torch.save(SCENARIOS[scenario](rank, option), f"{folder}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(tmp_path, scenario, option=None):
+    mp.spawn(_worker, args=(scenario, option, str(tmp_path)), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"{rank}.pt") for rank in range(WORLD)]
+
+
+def _flat(state):
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for k in sorted(state) for t in _flat(state[k])]
+    if isinstance(state, (list, tuple)):
+        return [t for v in state for t in _flat(v)]
+    return [torch.tensor(state)]
+
+
+def _bitwise_equal(a, b):
+    return all(torch.equal(x, y) for x, y in zip(_flat(a), _flat(b)))
+
+
+def test_cbp_ranks_replace_the_same_units_and_stay_identical(tmp_path):
+    ranks = _spawn(tmp_path, "cbp", None)
+    assert sum(ranks[0]["replaced"].values()) > 5
+    assert _bitwise_equal(ranks[0], ranks[1])
+
+
+def test_cbp_ranks_diverge_without_synchronisation(tmp_path):
+    ranks = _spawn(tmp_path, "cbp", False)
+    assert sum(ranks[0]["replaced"].values()) > 5
+    assert not all(torch.equal(p, q) for p, q in zip(ranks[0]["params"], ranks[1]["params"]))
+
+
+def test_si_ranks_stay_identical_and_equal_one_process_on_the_global_batch(tmp_path):
+    ranks = _spawn(tmp_path, "si")
+    assert _bitwise_equal(ranks[0], ranks[1])
+    single = _si(None, None)
+    for got, expected in zip(_flat(ranks[0]), _flat(single)):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    assert any(k.startswith("si_omega") for k in ranks[0]["si"])
+
+
+def test_the_option_is_checked():
+    with pytest.raises(ValueError, match="distributed must be None"):
+        clfast.CBP(_mlp(), distributed="yes")
+    cbp = clfast.CBP(_mlp(), distributed=True)  # no process group in this process
+    model = cbp.model
+    model(torch.randn(4, 10))
+    with pytest.raises(RuntimeError, match="distributed=True needs an initialised torch.distributed process group"):
+        cbp.step()
+    assert cbp.steps == 0
