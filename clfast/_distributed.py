@@ -47,3 +47,19 @@ def broadcast_(tensor: Tensor, process_group) -> None:
     """The group's first rank's ``tensor`` on every rank."""
     torch.distributed.broadcast(tensor, src=torch.distributed.get_global_rank(process_group, 0)
                                 if process_group is not torch.distributed.group.WORLD else 0, group=process_group)
+
+
+def fisher_mean_(fisher, weight: float, process_group, who: str) -> None:
+    """An nngeometry Fisher (diag, dense, KFAC or block-diagonal) replaced in place by the ranks' mean weighted by
+    ``weight`` (each rank's number of examples): the Fisher of their examples together, since each rank's is a
+    mean over its own (a KFAC block's factors each are)."""
+    data = fisher.data
+    if isinstance(data, Tensor):
+        tensors = [data]
+    elif isinstance(data, dict) and all(isinstance(v, Tensor) or (isinstance(v, tuple) and len(v) == 2)
+                                        for v in data.values()):
+        tensors = [t for v in data.values() for t in ((v,) if isinstance(v, Tensor) else v)]
+    else:
+        raise ValueError(f"{who}: a {type(fisher).__name__} cannot be averaged over ranks (EKFAC's eigenbases "
+                         "differ per rank); use diag, kfac, dense or blockdiag, or distributed=False")
+    weighted_mean_(tensors, weight, process_group)

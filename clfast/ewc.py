@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _distributed
 from ._fisher import checked_backend, fisher as clfast_fisher, fisher_or_none, use_clfast
 from ._nngeometry import REPRESENTATIONS, Layers, empirical_fisher, fim, generator, pmat_classes, representation_name
 
@@ -41,6 +42,10 @@ class EWC:
         loss_fn: the minibatch loss of the empirical Fisher, ``loss_fn(model(x), y)``.
         layer_collection: nngeometry ``LayerCollection`` restricting the parameters (default: the whole model).
         device: where Fishers are computed (default: the model's device).
+        distributed, process_group: under ``torch.distributed`` (by default whenever a process group is
+            initialised; ``distributed=False`` turns it off) each consolidation replaces the rank's Fisher by the
+            ranks' mean weighted by their numbers of examples (batches for ``"empirical"``): one all-reduce, after
+            which every rank holds the Fisher of all ranks' data and applies the same penalty.
         fisher_backend: ``"auto"`` (default) computes the Fisher with :func:`clfast.fisher` (one batched backward
             per batch, fused kernels) wherever it can: classif_logits diag, KFAC, dense and blockdiag on Linear,
             Conv2d and BatchNorm layers; and with nngeometry's ``FIM`` otherwise (EKFAC, the other variants,
@@ -60,7 +65,7 @@ class EWC:
     def __init__(self, model: nn.Module, representation: Union[str, type] = "diag", mode: str = "separate",
                  gamma: float = 1.0, variant: str = "classif_logits", layer_collection=None,
                  device: Optional[Union[str, torch.device]] = None, loss_fn=F.cross_entropy,
-                 fisher_backend: str = "auto") -> None:
+                 fisher_backend: str = "auto", distributed: Optional[bool] = None, process_group=None) -> None:
         self.representation = representation_name(representation)
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -78,6 +83,7 @@ class EWC:
         self.layer_collection = self.layers.collection
         self._rep = REPRESENTATIONS[self.representation]
         self.fisher_backend = checked_backend(fisher_backend, "EWC")
+        self.distributed, self.process_group = _distributed.check(distributed, "EWC"), process_group
         self._use_clfast()  # fisher_backend="clfast" on a model clfast.fisher cannot take is refused now
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.fishers: list = []          # nngeometry objects, one per task (separate) or per consolidation
@@ -98,20 +104,30 @@ class EWC:
         """Compute the Fisher at the current parameters on ``loader`` (model in eval mode) and store it with the
         parameters."""
         rep = pmat_classes()[self.representation]
+        group = _distributed.group(self.distributed, self.process_group, "EWC")
+        if group is not None and self.representation == "ekfac":
+            raise ValueError("EWC: EKFAC's eigenbases cannot be averaged over ranks; use diag, kfac, dense or "
+                             "blockdiag, or distributed=False")
+        counted = _Counted(loader)
         was_training = self.model.training
         self.model.eval()  # nngeometry needs BatchNorm in eval mode; dropout off is right for a Fisher too
         try:
             if self.variant == "empirical":
-                fisher = empirical_fisher(self.layers, loader, self.representation, self.loss_fn, self.device)
+                fisher = empirical_fisher(self.layers, counted, self.representation, self.loss_fn, self.device)
+                weight = lambda: counted.batches  # noqa: E731  (it is a mean over minibatches)
             else:
                 fisher = None
                 if self._use_clfast():
                     fisher = fisher_or_none("EWC", self.fisher_backend, self.layers, lambda: clfast_fisher(
-                        self.model, loader, self.representation, self.variant, self.layers.collection, self.device))
-                if fisher is None:
+                        self.model, counted, self.representation, self.variant, self.layers.collection, self.device))
+                    weight = lambda: counted.examples  # noqa: E731
+                if fisher is None:  # nngeometry divides by the sampler's length
                     fisher = fim(self.model, loader, rep, self.variant, self.device, self.layers.collection)
+                    weight = lambda: len(loader.sampler)  # noqa: E731
         finally:
             self.model.train(was_training)
+        if group is not None:
+            _distributed.fisher_mean_(fisher, float(weight()), group, "EWC")
         anchor = [p.detach().clone() for p in self.parameters()]
         if self.mode == "online":
             self._coef = [c * self.gamma for c in self._coef]
@@ -178,3 +194,21 @@ class EWC:
         self.mode, self.gamma = state["mode"], float(state["gamma"])
         self._fast = [self._rep.prepare(self.layers, f, c, a) for f, c, a in zip(self.fishers, self._coef,
                                                                                 self._anchors)]
+
+
+class _Counted:
+    """A loader that counts the examples and batches it gives (each pass counts afresh)."""
+
+    def __init__(self, loader: Iterable) -> None:
+        self.loader, self.examples, self.batches = loader, 0, 0
+
+    def __iter__(self):
+        self.examples = self.batches = 0
+        for batch in self.loader:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            self.examples += len(x)
+            self.batches += 1
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from . import _distributed, ops
 from .buffer import ReservoirBuffer
 from ._fisher import (add_kfac_factors_, checked_backend, dan_parts, eval_mode, fisher as clfast_fisher,
                       fisher_or_none, use_clfast)
@@ -59,13 +59,18 @@ class OCAR:
         fisher_backend: who computes the exact mode's Fisher: ``"auto"`` (default) :func:`clfast.fisher` where it
             can (Linear, Conv2d, BatchNorm layers) and nngeometry's ``FIM`` otherwise; ``"clfast"`` or
             ``"nngeometry"`` to choose.
+        distributed, process_group: under ``torch.distributed`` (by default whenever a process group is
+            initialised; ``distributed=False`` turns it off) the Fisher is that of all ranks' batches: ema mode
+            averages each step's factors over the ranks (weighted by batch size, one all-reduce), exact mode the
+            union batch's Fisher, so every rank preconditions with the same matrix. Each rank keeps its own buffer.
     """
 
     def __init__(self, model: nn.Module, buffer: ReservoirBuffer, optimizer: torch.optim.Optimizer,
                  representation: str = "kfac", damping: float = 1e-2, fisher: str = "exact",
                  ema_decay: float = 0.95, refresh: int = 10,
                  loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
-                 generator: Optional[torch.Generator] = None, fisher_backend: str = "auto") -> None:
+                 generator: Optional[torch.Generator] = None, fisher_backend: str = "auto",
+                 distributed: Optional[bool] = None, process_group=None) -> None:
         if representation not in ("kfac", "diag", "dense"):
             raise ValueError(f"representation must be 'kfac', 'diag' or 'dense', got {representation!r}")
         if fisher not in ("exact", "ema"):
@@ -82,6 +87,7 @@ class OCAR:
         self.layers = Layers(model, None, "OCAR" if representation != "kfac" else "OCAR('kfac')",
                              kronecker=representation == "kfac")
         self.fisher_backend = checked_backend(fisher_backend, "OCAR")
+        self.distributed, self.process_group = _distributed.check(distributed, "OCAR"), process_group
         self._fim_only = False  # set once clfast.fisher has refused the model (auto)
         self._use_clfast()  # fisher_backend="clfast" on a model clfast.fisher cannot take is refused now
         self.steps = 0
@@ -219,6 +225,9 @@ class OCAR:
             with eval_mode(self.model):
                 fisher = fim(self.model, loader, pmat_classes()[self.representation], "classif_logits", x.device,
                              self.layers.collection)
+        group = _distributed.group(self.distributed, self.process_group, "OCAR")
+        if group is not None:  # the Fisher of the ranks' union batches together
+            _distributed.fisher_mean_(fisher, float(len(x)), group, "OCAR")
         if self.representation == "kfac":
             self._invert([fisher.data[lid] for lid in self.layers.modules])
             self._apply_kfac(grads, *self._inverses)
@@ -274,11 +283,16 @@ class OCAR:
                                                       retain_graph=True)))
         n_out = out.shape[1] - 1  # nngeometry's whitened outputs for classif_logits
         d = self.ema_decay if self.factors else 0.0
+        batch = {}
         for lid, key in keys.items():
             x, gy = self._inputs[key], grads[key]
             if isinstance(modules[lid], DANBlock):  # [N, B, C]: this neuron's
                 x, gy = x[modules[lid].neuron], gy[modules[lid].neuron]
-            a, g = self._batch_factors(lid, x, gy, n_out)
+            batch[lid] = self._batch_factors(lid, x, gy, n_out)
+        group = _distributed.group(self.distributed, self.process_group, "OCAR")
+        if group is not None:  # the factors of the ranks' batches together, on every rank
+            _distributed.weighted_mean_([t for pair in batch.values() for t in pair], float(out.shape[0]), group)
+        for lid, (a, g) in batch.items():
             if lid in self.factors:
                 self.factors[lid][0].mul_(d).add_(a, alpha=1 - d)
                 self.factors[lid][1].mul_(d).add_(g, alpha=1 - d)

@@ -65,7 +65,58 @@ def _si(rank, _):
     return {"params": [p.detach() for p in model.parameters()], "si": si.state_dict()}
 
 
-SCENARIOS = {"cbp": _cbp, "si": _si}
+def _consolidation_data(rank):
+    """48 examples on rank 0 and 32 on rank 1 (the ranks' Fishers are weighted by these), or both together."""
+    if rank is None:
+        parts = [_consolidation_data(r) for r in range(WORLD)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    x, y = zip(*[_batch(rank, 10_000 + i) for i in range(3 - rank)])
+    return torch.cat(x), torch.cat(y)
+
+
+def _ewc(rank, representation):
+    """EWC with the penalty gradient added after DDP's all-reduce (add_penalty_grad_)."""
+    model = _mlp()
+    ddp = nn.parallel.DistributedDataParallel(model) if rank is not None else model
+    ewc = clfast.EWC(model, representation)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(STEPS):
+        if rank is None:
+            parts = [_batch(r, step) for r in range(WORLD)]
+            x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        else:
+            x, y = _batch(rank, step)
+        opt.zero_grad()
+        F.cross_entropy(ddp(x + (step >= STEPS // 2)), y).backward()
+        ewc.add_penalty_grad_(5.0)
+        opt.step()
+        if step == STEPS // 2 - 1:
+            ewc.consolidate(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_consolidation_data(rank)),
+                                                        batch_size=20))
+    return {"params": [p.detach() for p in model.parameters()], "fisher": ewc.state_dict()["fishers"]}
+
+
+def _ocar(rank, fisher):
+    """OCAR in a loop that runs the DDP model itself (record_forward / recorded / precondition_)."""
+    model = _mlp()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    ocar = clfast.OCAR(model, clfast.ReservoirBuffer(64, generator=torch.Generator().manual_seed(rank)), opt, "kfac",
+                       damping=0.1, fisher=fisher, refresh=5, generator=torch.Generator().manual_seed(10 + rank))
+    for step in range(STEPS // 2):
+        xs, ys = ocar.replay(*_batch(rank, step))
+        ocar.record_forward()
+        out = ddp(xs)
+        ocar.recorded(out)
+        opt.zero_grad()
+        F.cross_entropy(out, ys).backward()
+        ocar.precondition_(xs, ys)
+        opt.step()
+        ocar.end_step(*_batch(rank, step))
+    return {"params": [p.detach() for p in model.parameters()], "factors": ocar.factors}
+
+
+SCENARIOS = {"cbp": _cbp, "si": _si, "ewc": _ewc, "ocar": _ocar}
 
 
 def _worker(rank, scenario, option, folder):
@@ -126,3 +177,20 @@ def test_the_option_is_checked():
     with pytest.raises(RuntimeError, match="distributed=True needs an initialised torch.distributed process group"):
         cbp.step()
     assert cbp.steps == 0
+
+
+@pytest.mark.parametrize("representation", ["diag", "kfac"])
+def test_ewc_ranks_share_the_fisher_of_all_their_examples_and_equal_one_process(tmp_path, representation):
+    ranks = _spawn(tmp_path, "ewc", representation)
+    assert _bitwise_equal(ranks[0], ranks[1])
+    single = _ewc(None, representation)
+    for got, expected in zip(_flat(ranks[0]), _flat(single)):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("fisher", ["ema", "exact"])
+def test_ocar_ranks_precondition_with_the_same_fisher(tmp_path, fisher):
+    ranks = _spawn(tmp_path, "ocar", fisher)
+    assert _bitwise_equal(ranks[0], ranks[1])
+    if fisher == "ema":
+        assert len(ranks[0]["factors"]) == 3
