@@ -304,6 +304,14 @@ def test_outputs_and_examples_in_small_groups_give_the_same_fisher(rep, monkeypa
     torch.testing.assert_close(got.to_torch(), expected.to_torch(), rtol=1e-10, atol=1e-14)
 
 
+def _on_the_reference_ops(compute):
+    clfast.set_backend("reference")
+    try:
+        return compute()
+    finally:
+        clfast.set_backend("native")
+
+
 @needs_native
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("rep", ["diag", "kfac", "dense", "blockdiag"])
@@ -318,11 +326,7 @@ def test_native_kernels_match_the_reference_ops(rep, device):
         loader = [(torch.randn(11, 20), None)]
     model, loader = model.to(device), [(x.to(device), None) for x, _ in loader]
     got = fisher(model, loader, rep)
-    clfast.set_backend("reference")
-    try:
-        expected = fisher(model, loader, rep)
-    finally:
-        clfast.set_backend("native")
+    expected = _on_the_reference_ops(lambda: fisher(model, loader, rep))
     if rep == "kfac":
         for (a, g), (ea, eg) in zip(got.data.values(), expected.data.values()):
             assert torch.equal(a, a.mT) and torch.equal(g, g.mT)
@@ -435,11 +439,7 @@ def test_dan_fisher_equals_autograd_per_example_gradients(act):
 def test_dan_fisher_native_kernels_match_the_reference_ops(rep, device):
     model, loader = _dan_model().to(device), _dan_loader(device=device)
     got = fisher(model, loader, rep)
-    clfast.set_backend("reference")
-    try:
-        expected = fisher(model, loader, rep)
-    finally:
-        clfast.set_backend("native")
+    expected = _on_the_reference_ops(lambda: fisher(model, loader, rep))
     torch.testing.assert_close(got.to_torch(), expected.to_torch(), rtol=1e-12, atol=1e-12)
 
 
