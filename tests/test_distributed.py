@@ -7,15 +7,15 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import clfast
+from clfast_distributed import WORLD, bitwise_equal, flat, spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
-WORLD, STEPS, BATCH = 2, 200, 16
+STEPS, BATCH = 200, 16
 
 
 def _mlp():
@@ -103,7 +103,7 @@ def _ocar(rank, fisher):
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     ocar = clfast.OCAR(model, clfast.ReservoirBuffer(64, generator=torch.Generator().manual_seed(rank)), opt, "kfac",
                        damping=0.1, fisher=fisher, refresh=5, generator=torch.Generator().manual_seed(10 + rank))
-    for step in range(STEPS // 2):
+    for step in range(STEPS):
         xs, ys = ocar.replay(*_batch(rank, step))
         ocar.record_forward()
         out = ddp(xs)
@@ -116,54 +116,23 @@ def _ocar(rank, fisher):
     return {"params": [p.detach() for p in model.parameters()], "factors": ocar.factors}
 
 
-SCENARIOS = {"cbp": _cbp, "si": _si, "ewc": _ewc, "ocar": _ocar}
-
-
-def _worker(rank, scenario, option, folder):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=WORLD)
-    try:
-        torch.save(SCENARIOS[scenario](rank, option), f"{folder}/{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _spawn(tmp_path, scenario, option=None):
-    mp.spawn(_worker, args=(scenario, option, str(tmp_path)), nprocs=WORLD, join=True)
-    return [torch.load(tmp_path / f"{rank}.pt") for rank in range(WORLD)]
-
-
-def _flat(state):
-    if isinstance(state, torch.Tensor):
-        return [state]
-    if isinstance(state, dict):
-        return [t for k in sorted(state) for t in _flat(state[k])]
-    if isinstance(state, (list, tuple)):
-        return [t for v in state for t in _flat(v)]
-    return [torch.tensor(state)]
-
-
-def _bitwise_equal(a, b):
-    return all(torch.equal(x, y) for x, y in zip(_flat(a), _flat(b)))
-
-
 def test_cbp_ranks_replace_the_same_units_and_stay_identical(tmp_path):
-    ranks = _spawn(tmp_path, "cbp", None)
+    ranks = spawn(tmp_path, _cbp, None)
     assert sum(ranks[0]["replaced"].values()) > 5
-    assert _bitwise_equal(ranks[0], ranks[1])
+    assert bitwise_equal(ranks[0], ranks[1])
 
 
 def test_cbp_ranks_diverge_without_synchronisation(tmp_path):
-    ranks = _spawn(tmp_path, "cbp", False)
+    ranks = spawn(tmp_path, _cbp, False)
     assert sum(ranks[0]["replaced"].values()) > 5
     assert not all(torch.equal(p, q) for p, q in zip(ranks[0]["params"], ranks[1]["params"]))
 
 
 def test_si_ranks_stay_identical_and_equal_one_process_on_the_global_batch(tmp_path):
-    ranks = _spawn(tmp_path, "si")
-    assert _bitwise_equal(ranks[0], ranks[1])
+    ranks = spawn(tmp_path, _si)
+    assert bitwise_equal(ranks[0], ranks[1])
     single = _si(None, None)
-    for got, expected in zip(_flat(ranks[0]), _flat(single)):
+    for got, expected in zip(flat(ranks[0]), flat(single)):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
     assert any(k.startswith("si_omega") for k in ranks[0]["si"])
 
@@ -181,16 +150,16 @@ def test_the_option_is_checked():
 
 @pytest.mark.parametrize("representation", ["diag", "kfac"])
 def test_ewc_ranks_share_the_fisher_of_all_their_examples_and_equal_one_process(tmp_path, representation):
-    ranks = _spawn(tmp_path, "ewc", representation)
-    assert _bitwise_equal(ranks[0], ranks[1])
+    ranks = spawn(tmp_path, _ewc, representation)
+    assert bitwise_equal(ranks[0], ranks[1])
     single = _ewc(None, representation)
-    for got, expected in zip(_flat(ranks[0]), _flat(single)):
+    for got, expected in zip(flat(ranks[0]), flat(single)):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("fisher", ["ema", "exact"])
 def test_ocar_ranks_precondition_with_the_same_fisher(tmp_path, fisher):
-    ranks = _spawn(tmp_path, "ocar", fisher)
-    assert _bitwise_equal(ranks[0], ranks[1])
+    ranks = spawn(tmp_path, _ocar, fisher)
+    assert bitwise_equal(ranks[0], ranks[1])
     if fisher == "ema":
         assert len(ranks[0]["factors"]) == 3
