@@ -63,3 +63,56 @@ def fisher_mean_(fisher, weight: float, process_group, who: str) -> None:
         raise ValueError(f"{who}: a {type(fisher).__name__} cannot be averaged over ranks (EKFAC's eigenbases "
                          "differ per rank); use diag, kfac, dense or blockdiag, or distributed=False")
     weighted_mean_(tensors, weight, process_group)
+
+
+def rank_seed(seed: int, process_group) -> int:
+    """A seed for this rank of the group derived from ``seed`` (e.g. ``torch.initial_seed()``): the same on every
+    run, different on every rank (splitmix64's mixer is a bijection, so distinct ranks give distinct seeds)."""
+    mask = 2 ** 64 - 1
+
+    def mix(z: int) -> int:
+        z = (z + 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    return mix((seed & mask) ^ mix(torch.distributed.get_rank(process_group)))
+
+
+def all_gather_ints(values: List[int], device: torch.device, process_group) -> List[List[int]]:
+    """Every rank's ``values`` (as many on each rank), in rank order: one all_gather of ``len(values)`` int64s per
+    rank on ``device`` (on CUDA, reading them back synchronises with the host)."""
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    out = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size(process_group))]
+    torch.distributed.all_gather(out, mine, group=process_group)
+    return torch.stack(out).tolist()
+
+
+def gather_rows(fields: List[Tensor], counts: List[int], process_group) -> List[Tensor]:
+    """Every rank's ``fields`` (tensors ``[counts[rank], ...]``, with the same item shapes and dtypes on every rank),
+    each concatenated over the ranks in rank order. One all_gather: each rank sends its fields' bytes side by side,
+    padded to ``max(counts)`` rows, so every rank receives ``world * max(counts) * bytes per item``."""
+    mine, most = fields[0].shape[0], max(counts)
+    items = [f.shape[1:].numel() for f in fields]
+    widths = [n * f.element_size() for n, f in zip(items, fields)]
+    packed = torch.zeros((most, sum(widths)), dtype=torch.uint8, device=fields[0].device)
+    if mine:
+        packed[:mine] = torch.cat([f.reshape(mine, n).contiguous().view(torch.uint8) for f, n in zip(fields, items)], 1)
+    out = [torch.empty_like(packed) for _ in counts]
+    torch.distributed.all_gather(out, packed, group=process_group)
+    rows = torch.cat([o[:c] for o, c in zip(out, counts)])
+    gathered, start = [], 0
+    for f, w in zip(fields, widths):
+        shape = (rows.shape[0], *f.shape[1:])
+        gathered.append(rows[:, start:start + w].contiguous().view(f.dtype).reshape(shape) if w
+                        else torch.empty(shape, dtype=f.dtype, device=rows.device))
+        start += w
+    return gathered
+
+
+def broadcast_generator_(generator: torch.Generator, device: torch.device, process_group) -> None:
+    """The group's first rank's ``generator`` state on every rank: one broadcast of the state's bytes (5056 for a
+    CPU generator, 16 for a CUDA one) through ``device``, which the group's backend must handle."""
+    state = generator.get_state().to(device)
+    broadcast_(state, process_group)
+    generator.set_state(state.cpu())

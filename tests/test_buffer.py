@@ -1,14 +1,20 @@
-"""Reservoir buffer: the batched op equals one-by-one Algorithm R, inclusion is uniform, bad input is clear."""
+"""Reservoir buffer: the batched op equals one-by-one Algorithm R, inclusion is uniform, bad input is clear; under
+torch.distributed (two gloo processes on the CPU) the global scope keeps one reservoir, bitwise the same on every
+rank and in one process fed the ranks' batches, and the rank scope gives each rank its own draws."""
 import math
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import clfast
 from clfast import reference
-from clfast.buffer import DataBuffer, ReservoirBuffer
+from clfast.buffer import SCOPES, DataBuffer, ReservoirBuffer
 from clfast.baselines.buffer import reservoir_add_one_by_one
+from clfast_distributed import WORLD, bitwise_equal, spawn
 from clfast_testing import device_params, needs_native
+
+needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 
 def _batch(B, start, device="cpu"):
@@ -159,3 +165,152 @@ def test_data_buffer_keeps_the_seed_interface(backend):
 def test_opcheck_reservoir():
     torch.library.opcheck(torch.ops.clfast.reservoir_add_,
                           (_empty(8), _batch(12, 0), torch.rand(12, dtype=torch.float64), 0))
+
+
+# -- under torch.distributed --------------------------------------------------------------------------------------
+STEPS = 200
+
+
+def _stream(rank, step):
+    """Rank ``rank``'s batch at ``step``: 1 to 9 items, varying per step and rank (rank 1's is empty at step 7),
+    four fields of different dtypes and widths; the ids say where each item came from."""
+    B = 0 if (rank, step) == (1, 7) else (5 * step + 3 * rank) % 9 + 1
+    ids = torch.arange(B) + 100 * (WORLD * step + rank)
+    return [ids[:, None] * torch.tensor([0.5, -1.0]), ids,
+            (ids[:, None] * torch.tensor([1, 7, 13]) % 251).to(torch.uint8), ids % 3 == 0]
+
+
+def _asked(rank, step):
+    return (step + 2 * rank) % 4  # 0 to 3 items
+
+
+def _state(buf):
+    return {"storage": buf.storage, "num_seen": buf.num_seen, "generator": buf.generator.get_state()}
+
+
+def _global(rank, _):
+    """200 adds and 66 samples in global scope; with ``rank=None`` one process (no process group) is fed the ranks'
+    batches concatenated in rank order and samples the ranks' numbers of items together."""
+    buf = ReservoirBuffer(40, generator=torch.Generator().manual_seed(5), scope="global")
+    samples = []
+    for step in range(STEPS):
+        if rank is None:
+            parts = [_stream(r, step) for r in range(WORLD)]
+            buf.add(*[torch.cat(field) for field in zip(*parts)])
+            n = sum(_asked(r, step) for r in range(WORLD))
+        else:
+            buf.add(*_stream(rank, step))
+            n = _asked(rank, step)
+        if step % 3 == 2:
+            samples.append(buf.sample(n))
+    return {"state": _state(buf), "samples": samples}
+
+
+@needs_gloo
+def test_global_scope_is_one_reservoir_the_same_on_every_rank_and_in_one_process(tmp_path):
+    ranks = spawn(tmp_path, _global)
+    single = _global(None, None)
+    assert single["state"]["num_seen"] == sum(_stream(r, s)[0].shape[0] for r in range(WORLD) for s in range(STEPS))
+    assert bitwise_equal(ranks[0]["state"], ranks[1]["state"])
+    assert bitwise_equal(ranks[0]["state"], single["state"])
+    assert len(single["samples"]) == STEPS // 3
+    for k, expected in enumerate(single["samples"]):
+        shares = [r["samples"][k] for r in ranks]
+        assert [len(share[1]) for share in shares] == [_asked(r, 3 * k + 2) for r in range(WORLD)]
+        assert bitwise_equal([torch.cat(field) for field in zip(*shares)], expected)  # disjoint: expected is
+
+
+def _refused(rank, _):
+    """Global scope with the buffer's own generator (the ranks' torch seeds differ) and batches refused on one
+    rank only."""
+    torch.manual_seed(rank)
+    buf = ReservoirBuffer(8, scope="global")
+    errors = []
+    first = _stream(rank, 1)
+    if rank == 1:
+        first[1] = first[1].int()  # the ranks' first batches differ in a dtype
+    try:
+        buf.add(*first)
+    except ValueError as error:
+        errors.append(str(error))
+    buf.add(*_stream(rank, 2))
+    before = {"state": [s[:len(buf)].clone() for s in buf.storage], "num_seen": buf.num_seen,
+              "own": buf._own.get_state()}  # the slots past len(buf) are not written yet
+    bad = _stream(rank, 3)
+    if rank == 1:
+        bad[0] = bad[0][:, :1]  # wrong item shape on rank 1 only
+    try:
+        buf.add(*bad)
+    except ValueError as error:
+        errors.append(str(error))
+    try:
+        buf.sample(-1 if rank == 0 else 2)
+    except ValueError as error:
+        errors.append(str(error))
+    after = {"state": [s[:len(buf)] for s in buf.storage], "num_seen": buf.num_seen, "own": buf._own.get_state()}
+    return {"errors": errors, "before": before, "after": after, "sample": buf.sample(3)}
+
+
+@needs_gloo
+def test_a_batch_refused_on_one_rank_is_refused_on_every_rank(tmp_path):
+    ranks = spawn(tmp_path, _refused)
+    for r in ranks:
+        assert len(r["errors"]) == 3
+        assert "same fields" in r["errors"][0]
+        assert "rank(s) [1]" in r["errors"][1]
+        assert "n must be an integer >= 0 on every rank" in r["errors"][2]
+        assert bitwise_equal(r["before"], r["after"])
+    assert "this rank's: ReservoirBuffer.add: field 0 is torch.float32 [1]" in ranks[1]["errors"][1]
+    assert ranks[0]["after"]["num_seen"] == sum(_stream(r, 2)[0].shape[0] for r in range(WORLD))
+    assert bitwise_equal(ranks[0]["after"], ranks[1]["after"])  # the first rank's seed, on both
+    assert not set(ranks[0]["sample"][1].tolist()) & set(ranks[1]["sample"][1].tolist())
+
+
+def _per_rank_run(distributed):
+    torch.manual_seed(0)
+    seeded = torch.get_rng_state()
+    buf = ReservoirBuffer(16, distributed=distributed)
+    for step in range(30):
+        buf.add(*_stream(0, step))  # the same data on every rank
+    sample = buf.sample(4)
+    return {"storage": buf.storage, "sample": sample, "global_rng_used": not torch.equal(torch.get_rng_state(), seeded)}
+
+
+def _per_rank(rank, _):
+    return {"synced": _per_rank_run(None), "again": _per_rank_run(None), "alone": _per_rank_run(False)}
+
+
+@needs_gloo
+def test_rank_scope_draws_differently_on_each_rank_reproducibly(tmp_path):
+    ranks = spawn(tmp_path, _per_rank)
+    assert not bitwise_equal(ranks[0]["synced"]["storage"], ranks[1]["synced"]["storage"])
+    assert bitwise_equal(ranks[0]["alone"], ranks[1]["alone"])  # torch's generator, seeded alike: the same draws
+    for r in ranks:
+        assert bitwise_equal(r["synced"], r["again"])
+        assert not r["synced"]["global_rng_used"] and r["alone"]["global_rng_used"]
+
+
+def test_global_scope_without_a_process_group_is_the_rank_scope(backend):
+    bufs = [ReservoirBuffer(10, generator=torch.Generator().manual_seed(1), scope=scope) for scope in SCOPES]
+    for step in range(6):
+        for buf in bufs:
+            buf.add(*_stream(0, step))
+    assert bitwise_equal(bufs[0].sample(4), bufs[1].sample(4))
+    assert bitwise_equal(_state(bufs[0]), _state(bufs[1]))
+
+
+def test_distributed_options_are_checked():
+    with pytest.raises(ValueError, match="scope must be one of"):
+        ReservoirBuffer(4, scope="world")
+    with pytest.raises(ValueError, match="distributed must be None"):
+        ReservoirBuffer(4, distributed="yes")
+    with pytest.raises(TypeError):
+        ReservoirBuffer(4, None, None, True)  # keyword-only
+    buf = ReservoirBuffer(4, distributed=True, scope="global")  # no process group in this process
+    with pytest.raises(RuntimeError, match="distributed=True needs an initialised torch.distributed process group"):
+        buf.add(*_batch(3, 0))
+    assert buf.num_seen == 0 and not buf.storage
+    ranked = ReservoirBuffer(4)
+    ranked.add(*_batch(3, 0))
+    with pytest.raises(ValueError, match="scope 'rank', this buffer's is 'global'"):
+        ReservoirBuffer(4, scope="global").load_state_dict(ranked.state_dict())
