@@ -1,17 +1,19 @@
 """DAN layers: fused op vs reference, clfast.nn modules vs the per-neuron ones, conversions, bad input, autograd,
-compile."""
+compile, and sync_batchnorm under torch.distributed (two gloo processes on the CPU)."""
 import copy
 import os
 import warnings
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import clfast
 from clfast import ops as _ops
 from clfast.nn.dan import PARAMS, STATS
 from clfast.baselines import dan as seed
+from clfast_distributed import WORLD, bitwise_equal, spawn
 from clfast_testing import device_params, needs_native
 
 ACTS = {"identity": nn.Identity, "tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "gelu": nn.GELU,
@@ -651,3 +653,163 @@ def test_cpu_aten_gemm_path():
                          capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and " failed" not in run.stdout
+
+
+# ---- sync_batchnorm: the BatchNorms of DAN layers on the global batch under torch.distributed ----
+
+needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+
+def _sync_batch(rank, step):
+    """Rank ``rank``'s examples at ``step``: 12, except rank 1's at every 5th step (7, or 20 at every 10th)."""
+    size = 12 if rank == 0 or step % 5 else (20 if step % 10 == 0 else 7)
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    x = 1 + 2 * torch.randn(size, 20, generator=g, dtype=torch.float64)
+    return x, (x[:, 0] > 1).long() + (x[:, 1] > 1.5).long()
+
+
+def _sync_dan(rank, option):
+    """``option`` = (sync_batchnorm, steps): a float64 DAN trained by DDP (rank) or by one process on the ranks'
+    batches concatenated (rank None), with the same gradient: the mean over ranks of each rank's mean loss."""
+    sync, steps = option
+    torch.manual_seed(0)
+    model = clfast.nn.DAN(20, 3, sync_batchnorm=sync).double()
+    # broadcast_buffers=False: DDP's own copy of rank 0's buffers would hide running statistics that differ
+    ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if rank is not None else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(steps):
+        parts = [_sync_batch(r, step) for r in (range(WORLD) if rank is None else [rank])]
+        out = ddp(torch.cat([x for x, _ in parts]))
+        loss = sum(nn.functional.cross_entropy(o, y) for o, (_, y) in
+                   zip(out.split([len(y) for _, y in parts]), parts)) / len(parts)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@needs_gloo
+def test_sync_batchnorm_ranks_stay_identical_and_equal_one_process_on_the_global_batch(tmp_path):
+    ranks = spawn(tmp_path, _sync_dan, (True, 200))
+    assert bitwise_equal(ranks[0], ranks[1])  # parameters and every buffer, num_batches_tracked included
+    single = _sync_dan(None, (False, 200))
+    assert list(single) == list(ranks[0])
+    for name, expected in single.items():
+        torch.testing.assert_close(ranks[0][name], expected, rtol=1e-9, atol=1e-12, msg=name)
+    assert int(single["dan1.bn1_num_batches_tracked"][0]) == 200
+
+
+@needs_gloo
+def test_without_sync_batchnorm_the_ranks_running_statistics_differ(tmp_path):
+    ranks = spawn(tmp_path, _sync_dan, (False, 10))
+    stats = [k for k in ranks[0] if "running" in k]
+    assert len(stats) == 12
+    assert all(not torch.equal(ranks[0][k], ranks[1][k]) for k in stats)
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0] if k not in stats)  # DDP's parameters
+
+
+def _sync_models(sync):
+    """A float64 VECDAN (a shared phenotype, one input per neuron) and a DANLayer with a cumulative average
+    (momentum=None) and PReLU, both on the reference path when not synchronised."""
+    torch.manual_seed(5)
+    vec = clfast.nn.VECDAN(3, 2, neurons=(4, 3), n_channels=3, n_nf=6, n_nout=2, sync_batchnorm=sync).double()
+    layer = clfast.nn.DANLayer(3, 4, 5, 2, act_fn=nn.PReLU(), momentum=None, sync_batchnorm=sync).double()
+    return vec, layer
+
+
+# Per call: (model index, each rank's batch size): ranks of 1 and 0 examples among them.
+_SYNC_CALLS = [(0, (7, 1)), (0, (4, 6)), (1, (5, 3)), (1, (4, 0))]
+
+
+def _sync_inputs(call, rank):
+    """The model, input ([B, 3] for the VECDAN, [3, B, 4] for the layer) and output weights of ``call`` on
+    ``rank``."""
+    model, sizes = _SYNC_CALLS[call]
+    g = torch.Generator().manual_seed(100 * call + rank)
+    b = sizes[rank]
+    x = torch.randn(*((b, 3) if model == 0 else (3, b, 4)), generator=g, dtype=torch.float64)
+    return model, x, torch.randn(b, 2 if model == 0 else 6, generator=g, dtype=torch.float64)
+
+
+def _sync_forward_backward(rank, _):
+    """One rank's share of the calls in _SYNC_CALLS (loss: the output weighted by ``w``, summed), after a call
+    whose whole group has a single example."""
+    models = _sync_models(True)
+    try:
+        models[1](torch.randn(3, 1 - rank, 4, dtype=torch.float64))
+        error = None
+    except ValueError as e:
+        error = str(e)
+    outs = []
+    for call in range(len(_SYNC_CALLS)):
+        model, x, w = _sync_inputs(call, rank)
+        out = models[model](x)
+        (out * w).sum().backward()
+        outs.append(out.detach())
+    return {"error": error, "outs": outs, "grads": [[p.grad for p in m.parameters()] for m in models],
+            "buffers": [list(m.buffers()) for m in models]}
+
+
+@needs_gloo
+def test_sync_batchnorm_forward_backward_equals_the_global_batch(tmp_path):
+    """VECDAN (shared phenotype) and a DANLayer with one input per neuron, momentum=None and PReLU: each rank's
+    outputs are its rows of one process's on the concatenated batch, the ranks' gradients add up to its
+    gradients, and every rank's running statistics are its own, with ranks of 1 and 0 examples."""
+    ranks = spawn(tmp_path, _sync_forward_backward)
+    for r in ranks:
+        assert "expected more than 1 value per channel when training, got 1 in the whole process group" in r["error"]
+    assert bitwise_equal(ranks[0]["buffers"], ranks[1]["buffers"])
+    models = _sync_models(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # momentum=None and PReLU run on the reference
+        for call in range(len(_SYNC_CALLS)):
+            parts = [_sync_inputs(call, r) for r in range(WORLD)]
+            dim = parts[0][1].dim() - 2
+            out = models[parts[0][0]](torch.cat([x for _, x, _ in parts], dim))
+            (out * torch.cat([w for _, _, w in parts])).sum().backward()
+            torch.testing.assert_close(torch.cat([r["outs"][call] for r in ranks]), out.detach(), rtol=1e-9,
+                                       atol=1e-12)
+    for m, model in enumerate(models):
+        for i, p in enumerate(model.parameters()):
+            torch.testing.assert_close(ranks[0]["grads"][m][i] + ranks[1]["grads"][m][i], p.grad, rtol=1e-9,
+                                       atol=1e-12)
+        for got, expected in zip(ranks[0]["buffers"][m], model.buffers()):
+            torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_sync_batchnorm_without_a_process_group_is_the_fused_path(backend):
+    """Without a process group sync_batchnorm=True changes nothing: the same outputs, gradients and buffers,
+    bitwise (train and eval)."""
+    assert not dist.is_available() or not dist.is_initialized()
+    pairs = []
+    for sync in (False, True):
+        torch.manual_seed(0)
+        pairs.append([clfast.nn.DAN(12, 3, sync_batchnorm=sync),
+                      clfast.nn.VECDAN(3, 2, neurons=(3, 2), n_channels=2, n_nf=5, sync_batchnorm=sync)])
+    g = torch.Generator().manual_seed(0)
+    for step in range(3):
+        xs = [torch.randn(9, 12, generator=g), torch.randn(9, 3, generator=g)]
+        results = []
+        for models in pairs:
+            outs = []
+            for m, x in zip(models, xs):
+                m.train(step < 2)
+                out = m(x)
+                out.square().sum().backward()
+                outs.append(out.detach())
+            results.append([outs, [[p.grad for p in m.parameters()] for m in models],
+                            [m.state_dict() for m in models]])
+        assert bitwise_equal(results[0], results[1])
+
+
+def test_sync_batchnorm_option():
+    assert "sync_batchnorm=True" in repr(clfast.nn.DAN(4, 2, sync_batchnorm=True).dan2)
+    assert "sync_batchnorm" not in repr(clfast.nn.DAN(4, 2))
+    assert "sync_batchnorm=True" in repr(clfast.nn.VECDAN(2, 1, sync_batchnorm=True))
+    assert clfast.nn.Neuron(3, 4, 2, sync_batchnorm=True).sync_batchnorm
+    for make in (lambda s: clfast.nn.DANLayer(2, 3, 4, 2, sync_batchnorm=s),
+                 lambda s: clfast.nn.DAN(4, 2, sync_batchnorm=s), lambda s: clfast.nn.VECDAN(2, 1, sync_batchnorm=s)):
+        with pytest.raises(ValueError, match="sync_batchnorm must be True or False, got 'yes'"):
+            make("yes")
+        with pytest.raises(ValueError, match="got None"):
+            make(None)

@@ -16,18 +16,23 @@ accepts the per-neuron layout (``neurons.{i}.core.{0..6}.*``).
 ``VECDAN`` is the paper's network (Camp, Mandivarapu, Estrada, arXiv 2011.07035): one neuron "phenotype" shared
 by every neuron, and vectorised synapses that give each neuron its own input vector mixed from all outputs of
 the previous layer. It runs on the same fused op.
+
+``sync_batchnorm=True`` (like ``nn.SyncBatchNorm``) makes every BatchNorm of these modules use the statistics of
+the global batch of a ``torch.distributed`` group in train mode; see :class:`DANLayer`.
 """
 from __future__ import annotations
 
 import copy
 import math
 import warnings
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
-from .. import ops
+from .. import _distributed, ops
+from ..reference.dan import _linear
 
 __all__ = ["Neuron", "DANLayer", "DAN", "VECDAN", "activation_name"]
 
@@ -142,16 +147,118 @@ def _stats(module: nn.Module) -> List[Tensor]:
         return [getattr(module, k) for k in STATS]
 
 
+def _check_sync(sync_batchnorm, who: str) -> bool:
+    if not isinstance(sync_batchnorm, bool):
+        raise ValueError(f"{who}: sync_batchnorm must be True or False, got {sync_batchnorm!r}")
+    return sync_batchnorm
+
+
+class _GroupStats(torch.autograd.Function):
+    """This rank's BatchNorm statistics (``mean`` and centred sum of squares ``m2``, [G, C], of ``count``
+    examples) -> the group's (mean, centred sum of squares, number of examples), combined from every rank's as
+    torch's ``batch_norm_gather_stats_with_counts`` does (no raw sum of squares, so no cancellation).
+
+    Forward: one all_gather of ``2 * G * C + 1`` values per rank, combined in rank order on every rank (so every
+    rank gets the same bits). Backward: one all-reduce (sum) of ``2 * G * C`` values, the gradients of the group's
+    statistics from every rank's loss, as ``nn.SyncBatchNorm``'s backward all-reduces its gradient sums."""
+
+    @staticmethod
+    def forward(ctx, mean: Tensor, m2: Tensor, count: int, group) -> Tuple[Tensor, Tensor, Tensor]:
+        k = mean.numel()
+        local = torch.cat([mean.new_full((1,), float(count)), mean.reshape(-1), m2.reshape(-1)])
+        every = local.new_empty(torch.distributed.get_world_size(group), local.numel())
+        torch.distributed.all_gather(list(every.unbind(0)), local, group=group)  # into every's rows
+        counts = every[:, :1]
+        means = every[:, 1:1 + k]
+        total = counts.sum()
+        group_mean = (counts * means).sum(0) / total
+        group_m2 = every[:, 1 + k:].sum(0) + (counts * (means - group_mean).square()).sum(0)
+        group_mean, group_m2 = group_mean.view_as(mean), group_m2.view_as(mean)
+        ctx.save_for_backward(mean, group_mean, total)
+        ctx.count, ctx.group = count, group
+        ctx.mark_non_differentiable(total)
+        return group_mean, group_m2, total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_mean: Tensor, grad_m2: Tensor, _) -> tuple:
+        mean, group_mean, total = ctx.saved_tensors
+        # Every rank's loss depends on the group's statistics: their gradients are summed over the ranks.
+        sums = torch.cat([grad_mean.reshape(-1), grad_m2.reshape(-1)])
+        torch.distributed.all_reduce(sums, group=ctx.group)
+        sum_mean, sum_m2 = sums.view(2, *mean.shape).unbind(0)
+        # group mean = sum_r c_r mean_r / n; group m2 = sum_r (m2_r + c_r (mean_r - group mean)^2), whose
+        # derivative through the group mean vanishes (sum_r c_r (mean_r - group mean) = 0).
+        count = ctx.count
+        grad_local_mean = sum_mean * (count / total) + sum_m2 * (mean - group_mean) * (2 * count)
+        return grad_local_mean, sum_m2, None, None
+
+
+def _group_stats(h: Tensor, batch: int, group) -> Tuple[Tensor, Tensor, Tensor]:
+    """The group's batch mean and biased variance of ``h`` [G, B, C] per (g, c), and its number of examples."""
+    # Two passes (mean, then centred squares): exact for a large mean, and defined for an empty batch, whose
+    # statistics then stay in the graph like every other rank's (each rank must run the same backward collectives).
+    mean = h.sum(1) / max(batch, 1)
+    m2 = (h - mean[:, None]).square().sum(1)
+    mean, m2, total = _GroupStats.apply(mean, m2, batch, group)
+    return mean, m2 / total, total
+
+
+def _sync_layer(x: Tensor, params: Sequence[Optional[Tensor]], stats: Sequence[Tensor], momentum: Optional[float],
+                eps: float, act: nn.Module, group, where: str) -> Tensor:
+    """A DAN layer in train mode whose BatchNorms use the group's batch statistics: clfast.reference.dan's batched
+    torch ops, with a shared input's first statistics computed once for every neuron."""
+    g1, b1, w1, c1, g2, b2, w2, c2, w3, c3 = params
+    n, batch = w1.shape[0], x.shape[-2]
+
+    def activate(h: Tensor) -> Tensor:  # on [N * B, C], the [batch, features] layout the per-neuron act sees
+        return act(h.reshape(-1, h.shape[-1])).view(h.shape)
+
+    h = x.unsqueeze(0) if x.dim() == 2 else x  # [1 or N, B, ni]
+    mean1, var1, total = _group_stats(h, batch, group)
+    if batch <= 1 and int(total) <= 1:  # every rank sees the same total: all of them raise, none waits
+        raise ValueError(f"{where}: expected more than 1 value per channel when training, got {int(total)} in the "
+                         f"whole process group (input size {list(x.shape)} on this rank)")
+    u1 = torch.addcmul(b1[:, None], g1[:, None], (h - mean1[:, None]) * torch.rsqrt(var1[:, None] + eps))
+    a1 = activate(_linear(u1, w1, c1))
+    mean2, var2, _ = _group_stats(a1, batch, group)
+    u2 = torch.addcmul(b2[:, None], g2[:, None], (a1 - mean2[:, None]) * torch.rsqrt(var2[:, None] + eps))
+    y = _linear(activate(_linear(u2, w2, c2)), w3, c3)  # [N, B, no]
+    with torch.no_grad():  # written only once the whole layer has run, like the reference
+        unbias = total / (total - 1)  # a tensor: no wait for the device
+        for rm, rv, nb, mean, var in ((*stats[:3], mean1, var1), (*stats[3:], mean2, var2)):
+            nb.add_(1)
+            factor = momentum if momentum is not None else 1.0 / float(nb[0])  # None: cumulative average
+            rm.mul_(1 - factor).add_(mean.expand_as(rm), alpha=factor)
+            rv.mul_(1 - factor).add_((var * unbias).expand_as(rv), alpha=factor)
+    return y.transpose(0, 1).reshape(batch, n * y.shape[2])
+
+
 class _Stacked(nn.Module):
     """Shared machinery: the fused op (or the reference) on this module's stacked parameters."""
 
     act_fn: nn.Module
     momentum: Optional[float]
     eps: float
+    # Class defaults: modules pickled before the option existed load with it off.
+    sync_batchnorm: bool = False
+    process_group = None
 
-    def _run(self, x: Tensor, params: Sequence[Optional[Tensor]], stats: Sequence[Tensor], n: int) -> Tensor:
+    def _sync_group(self):
+        """The process group whose global batch the BatchNorms normalise with now, or None (this rank's batch)."""
+        if not (self.sync_batchnorm and self.training):
+            return None
+        group = _distributed.group(None, self.process_group, type(self).__name__)
+        if group is None or torch.distributed.get_world_size(group) == 1:
+            return None
+        return group
+
+    def _run(self, x: Tensor, params: Sequence[Optional[Tensor]], stats: Sequence[Tensor], n: int,
+             group=None) -> Tensor:
         if params[0].shape[0] != n:  # a phenotype shared by the n neurons: autograd sums its gradients
             params = [None if p is None else p.expand(n, *p.shape[1:]) for p in params]
+        if group is not None:
+            return _sync_layer(x, params, stats, self.momentum, self.eps, self.act_fn, group, type(self).__name__)
         act = activation_name(self.act_fn)
         if act is None or self.momentum is None:
             reason = f"activation {type(self.act_fn).__name__}" if act is None else "momentum=None"
@@ -172,13 +279,27 @@ class DANLayer(_Stacked):
     dimension 1): the paper's shared phenotype. The input may also be ``[N, B, ni]``, one input per neuron.
     Activations with a fused kernel: Tanh (default), ReLU, Sigmoid, GELU, Identity; any other module runs on the
     pure-torch reference with a one-time warning.
+
+    ``sync_batchnorm=True`` (like ``nn.SyncBatchNorm``): in train mode, with an initialised ``torch.distributed``
+    process group (``process_group``, default the world) of more than one rank, both BatchNorms normalise with
+    the statistics of the global batch (every rank's examples; the ranks' batch sizes may differ, and a rank may
+    have 1 or 0 examples), update the running statistics with its unbiased variance, and the backward adds the
+    other ranks' gradient terms: outputs, gradients and running statistics are those of one process on the ranks'
+    batches concatenated. Every rank must call the layer alike (same train mode, same ``requires_grad`` of the
+    input), since each call runs collectives. Cost per call: the layer runs as batched torch ops instead of the
+    fused op, plus two all_gathers in the forward (``2 * C1 + 1`` and ``2 * N * nf + 1`` values per rank, C1 =
+    ``ni`` for an input every neuron reads, ``N * ni`` for one input per neuron) and two all-reduces in the
+    backward (``2 * C1`` and ``2 * N * nf`` values; the first only when the input requires grad). In eval mode,
+    without a process group, or in a group of one rank the layer runs the fused op as with ``False``.
     """
 
     def __init__(self, neurons: int, n_ni: int, n_nf: int, n_nout_ni: int, p_neurons: int = 1, bias: bool = True,
                  act_fn: Optional[nn.Module] = None, *, shared: bool = False, momentum: Optional[float] = 0.1,
-                 eps: float = 1e-5) -> None:
+                 eps: float = 1e-5, sync_batchnorm: bool = False, process_group=None) -> None:
         super().__init__()
         _check_positive(neurons=neurons, n_ni=n_ni, n_nf=n_nf, n_nout_ni=n_nout_ni, p_neurons=p_neurons)
+        self.sync_batchnorm = _check_sync(sync_batchnorm, type(self).__name__)
+        self.process_group = process_group
         act_fn = nn.Tanh() if act_fn is None else act_fn
         if not isinstance(act_fn, nn.Module):
             raise TypeError("activation must be of nn.Module instance")
@@ -192,12 +313,15 @@ class DANLayer(_Stacked):
 
     def extra_repr(self) -> str:
         return (f"neurons={self._n}, ni={self._ni}, nf={self.n_nf}, nout={self.n_nout_ni}, "
-                f"bias={self.bias1 is not None}, act_fn={self.act_fn}" + (", shared=True" if self.shared else ""))
+                f"bias={self.bias1 is not None}, act_fn={self.act_fn}" + (", shared=True" if self.shared else "")
+                + (", sync_batchnorm=True" if self.sync_batchnorm else ""))
 
     def forward(self, x: Tensor) -> Tensor:
         """x [B, ni] (or [N, B, ni]) -> [B, N * nout]."""
-        _check_input(x, self._n, self._ni, self.weight1, self.training, "DANLayer")
-        return self._run(x, _params(self), _stats(self), self._n)
+        group = self._sync_group() if self.sync_batchnorm else None
+        # Synchronised, a rank's batch may hold 1 or 0 examples: the group's total is checked instead.
+        _check_input(x, self._n, self._ni, self.weight1, self.training and group is None, "DANLayer")
+        return self._run(x, _params(self), _stats(self), self._n, group)
 
     # ---- conversions from and to the per-neuron modules ----
 
@@ -300,8 +424,10 @@ def _from_seed_layout(module, state_dict, prefix, local_metadata, strict, missin
 class Neuron(DANLayer):
     """One DAN neuron, ``BN -> Linear -> act -> BN -> Linear -> act -> Linear`` (the per-neuron ``Neuron``)."""
 
-    def __init__(self, ni: int, nf: int, nout_ni: int, bias: bool = True, act_fn: Optional[nn.Module] = None) -> None:
-        super().__init__(1, ni, nf, nout_ni, bias=bias, act_fn=act_fn)
+    def __init__(self, ni: int, nf: int, nout_ni: int, bias: bool = True, act_fn: Optional[nn.Module] = None, *,
+                 sync_batchnorm: bool = False, process_group=None) -> None:
+        super().__init__(1, ni, nf, nout_ni, bias=bias, act_fn=act_fn, sync_batchnorm=sync_batchnorm,
+                         process_group=process_group)
 
     @classmethod
     def from_reference(cls, neuron: nn.Module, memo: Optional[dict] = None) -> "Neuron":
@@ -319,13 +445,18 @@ class Neuron(DANLayer):
 
 class DAN(nn.Module):
     """The three-layer DAN of ``clfast.baselines.dan``: 3 neurons (hidden 50, out 100), 2 neurons (50, 25),
-    1 neuron (10, classes)."""
+    1 neuron (10, classes). ``sync_batchnorm`` and ``process_group`` go to the three layers (see
+    :class:`DANLayer`): per training step 6 all_gathers of ``2 * ni + 1226`` values per rank in all and 5
+    all-reduces of 1220 values in all (one more, of ``2 * ni``, when the input requires grad)."""
 
-    def __init__(self, ni: int, num_classes: int, act: Optional[nn.Module] = None) -> None:
+    def __init__(self, ni: int, num_classes: int, act: Optional[nn.Module] = None, *, sync_batchnorm: bool = False,
+                 process_group=None) -> None:
         super().__init__()
-        self.dan1 = DANLayer(neurons=3, n_ni=ni, n_nf=50, n_nout_ni=100, p_neurons=1, act_fn=act)
-        self.dan2 = DANLayer(neurons=2, n_ni=100, n_nf=50, n_nout_ni=25, p_neurons=3, act_fn=act)
-        self.dan3 = DANLayer(neurons=1, n_ni=25, n_nf=10, n_nout_ni=num_classes, p_neurons=2, act_fn=act)
+        _check_sync(sync_batchnorm, "DAN")
+        sync = dict(sync_batchnorm=sync_batchnorm, process_group=process_group)
+        self.dan1 = DANLayer(neurons=3, n_ni=ni, n_nf=50, n_nout_ni=100, p_neurons=1, act_fn=act, **sync)
+        self.dan2 = DANLayer(neurons=2, n_ni=100, n_nf=50, n_nout_ni=25, p_neurons=3, act_fn=act, **sync)
+        self.dan3 = DANLayer(neurons=1, n_ni=25, n_nf=10, n_nout_ni=num_classes, p_neurons=2, act_fn=act, **sync)
 
     def forward(self, x: Tensor) -> Tensor:
         """x [B, ni] -> [B, num_classes]."""
@@ -374,12 +505,19 @@ class VECDAN(_Stacked):
     n_nf -> n_nf -> n_nout``; a Linear readout maps the last layer's outputs to ``out_features``. Meta-learn
     the phenotype, then :meth:`freeze_phenotype` and train only :meth:`synapse_parameters` on new tasks.
     ``bias`` applies to the phenotype's Linears (synapses and readout always have biases).
+    ``sync_batchnorm=True``: every layer's BatchNorms use the global batch's statistics in train mode under
+    ``torch.distributed`` (see :class:`DANLayer`; each layer has one input per neuron, so per layer and step two
+    all_gathers of ``2 * N * n_channels + 1`` and ``2 * N * n_nf + 1`` values per rank and two all-reduces of
+    ``2 * N * n_channels`` and ``2 * N * n_nf``).
     """
 
     def __init__(self, in_features: int, out_features: int, neurons: Sequence[int] = (8, 8), n_channels: int = 4,
                  n_nf: int = 16, n_nout: int = 1, act_fn: Optional[nn.Module] = None, bias: bool = True,
-                 momentum: Optional[float] = 0.1, eps: float = 1e-5) -> None:
+                 momentum: Optional[float] = 0.1, eps: float = 1e-5, *, sync_batchnorm: bool = False,
+                 process_group=None) -> None:
         super().__init__()
+        self.sync_batchnorm = _check_sync(sync_batchnorm, "VECDAN")
+        self.process_group = process_group
         neurons = list(neurons)
         _check_positive(in_features=in_features, out_features=out_features, n_channels=n_channels, n_nf=n_nf,
                         n_nout=n_nout, layers=len(neurons), **{f"neurons[{i}]": n for i, n in enumerate(neurons)})
@@ -399,12 +537,16 @@ class VECDAN(_Stacked):
         if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.synapses[0].in_features:
             raise ValueError(f"VECDAN: expected an input [batch, {self.synapses[0].in_features}], got "
                              f"{list(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
-        _check_input(x, 1, x.shape[1], params[0], self.training, "VECDAN")  # dtype, device, batch size
+        group = self._sync_group() if self.sync_batchnorm else None
+        _check_input(x, 1, x.shape[1], params[0], self.training and group is None, "VECDAN")  # dtype, device, batch
         h = x
         for synapse, stats, n in zip(self.synapses, self.stats, self.neurons):
             v = synapse(h).view(h.shape[0], n, self.n_channels).transpose(0, 1)  # [N, B, channels]
-            h = self._run(v, params, _stats(stats), n)
+            h = self._run(v, params, _stats(stats), n, group)
         return self.readout(h)
+
+    def extra_repr(self) -> str:
+        return "sync_batchnorm=True" if self.sync_batchnorm else ""
 
     def phenotype_parameters(self) -> Iterator[nn.Parameter]:
         """The shared neuron parameters (and the activation's, if it has any)."""
