@@ -179,9 +179,10 @@ class OCAR:
         drawn = self.buffer.sample(x.shape[0])
         return tuple(torch.cat([f, b.to(f.device)]) for f, b in zip(fields, drawn))
 
-    def forward(self, xs: Tensor) -> Tensor:
-        """``model(xs)``; in ema mode also updates the running Kronecker factors from this forward."""
-        out = self._model_forward(xs)
+    def forward(self, xs: Tensor, module: Optional[nn.Module] = None) -> Tensor:
+        """``model(xs)``; in ema mode also updates the running Kronecker factors from this forward. ``module``
+        runs the forward instead of the model, e.g. its ``DistributedDataParallel`` wrapper."""
+        out = self._model_forward(xs, module)
         if self.fisher == "ema":
             self._update_factors(out)
         return out
@@ -197,10 +198,10 @@ class OCAR:
             self._collecting = False
             self._update_factors(out)
 
-    def _model_forward(self, xs: Tensor) -> Tensor:
+    def _model_forward(self, xs: Tensor, module: Optional[nn.Module] = None) -> Tensor:
         self.record_forward()
         try:
-            return self.model(xs)
+            return (self.model if module is None else module)(xs)
         finally:
             self._collecting = False
 

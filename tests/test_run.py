@@ -562,3 +562,28 @@ def test_a_penalty_too_stiff_for_the_step_size_is_capped_or_fails(tmp_path, fake
         in (0, 1) else None
     (run,) = next(iter(doc["methods"].values()))["runs"]
     assert run["status"] == "ok" or run["failed_at"]["task"] > 1  # past the task whose bound it was
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs gloo")
+def test_torchrun_with_two_processes_gives_one_processs_results(tmp_path, fake_fmnist):  # noqa: F811
+    """Each rank trains on its half of every batch; rank 0 alone writes. The methods are deterministic, so the
+    accuracies equal one process's on the same global batches (up to a prediction flipped by rounding)."""
+    flags = ["--data-dir", str(fake_fmnist), *QUICK, "--methods", "finetune,replay,ewc,si,cbp", "--tasks", "2"]
+    one, _ = _run(tmp_path, fake_fmnist, "--methods", "finetune,replay,ewc,si,cbp", "--tasks", "2", name="one")
+    out = tmp_path / "two"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "clfast", "--out", str(out), *flags], env=_env(OMP_NUM_THREADS="1"),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".json") == ["results.json"]
+    assert r.stdout.count("average accuracy") == 5  # rank 0 alone reports
+    two = json.loads((out / "results.json").read_text())
+    assert two["config"]["world_size"] == 2 and one["config"]["world_size"] == 1
+    for method, entry in one["methods"].items():
+        a, b = entry["runs"][0], two["methods"][method]["runs"][0]
+        assert a["status"] == b["status"] == "ok", (method, b.get("error"))
+        assert a["steps"] == b["steps"]
+        for key in ("acc_matrix", "acc_matrix_task_il"):  # 150 test images per task: at most one flipped
+            np.testing.assert_allclose(b[key], a[key], atol=0.01, err_msg=f"{method} {key}")
+        assert [c["flag"] for c in a["strength_changes"]] == [c["flag"] for c in b["strength_changes"]]

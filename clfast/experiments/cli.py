@@ -8,6 +8,7 @@ run. With no arguments it runs the demo: split Fashion-MNIST (5 tasks x 2 classe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import platform
@@ -17,6 +18,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from .. import ops
 from .._version import __version__
@@ -210,18 +212,95 @@ def _terminate(signum, frame):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args, doc = _parse(argv)
+    if not _launch():
+        return _entry(argv)
+    # A torchrun worker: this process is the run. It leaves without the interpreter's teardown, where gloo's
+    # threads can abort it ("terminate called without an active exception") after the results are written, which
+    # torchrun would report as this rank failing.
+    try:
+        code = _entry(argv)
+    except SystemExit as exc:  # argparse has printed its error (or the help)
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _entry(argv: List[str]) -> int:
+    args, doc = _parse_on_first_rank(argv)
     before = _portable_numerics() if args.numerics == "portable" else {}
     try:
         previous = signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # not the main thread: no handler
         previous = None
     try:
-        return _main(args, argv, doc)
+        if _rank() == 0:
+            return _main(args, argv, doc)
+        with contextlib.redirect_stdout(open(os.devnull, "w")):  # rank 0 reports; errors still reach stderr
+            return _main(args, argv, doc)
     finally:  # the libraries have read the variables by now; a caller's environment is left as it was
         _restore(before)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+# -- torchrun: every rank runs the experiment, on its share of each batch; rank 0 alone writes and reports --------
+
+def _launch() -> bool:
+    """Under ``torchrun`` with several processes (WORLD_SIZE > 1), joins their process group (gloo for CPU
+    tensors, NCCL for CUDA ones); True when this call initialised it (then this process is a torchrun worker)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    cuda = torch.cuda.is_available() and dist.is_nccl_available()
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
+    return True
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _parse_on_first_rank(argv: List[str]):
+    """_parse on rank 0 (which alone reads and prepares --out), its outcome sent to every rank: the same
+    arguments, or the same exit (an error printed once)."""
+    if _world() == 1:
+        return _checked_for_ranks(*_parse(argv))
+    box: List = [None]
+    if _rank() == 0:
+        try:
+            box = [("ok", _parse(argv))]
+        except SystemExit as exc:
+            box = [("exit", exc.code)]
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "exit":
+        raise SystemExit(value)
+    return _checked_for_ranks(*value)
+
+
+def _checked_for_ranks(args: argparse.Namespace, doc: Optional[Dict]):
+    """The per-rank device (``cuda`` is each rank's own, ``cuda:LOCAL_RANK``) and what cannot run on several."""
+    world = _world()
+    args.world_size = world
+    if world == 1:
+        return args, doc
+    if args.device == "cuda":
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if args.model == "dan" and any("ocar" in methods.parse(m) for m in args.methods):
+        _exit_all("--model dan: OCAR's ema Fisher recomputes a DAN layer on the rank's own batch statistics, which "
+                  "sync_batchnorm does not reach; run ocar on one process or on another model")
+    return args, doc
+
+
+def _exit_all(message: str) -> None:
+    if _rank() == 0:
+        print(f"python -m clfast: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 class Progress:
@@ -277,7 +356,7 @@ def _clock(seconds: float) -> str:
 
 def _config(args, scenario) -> Dict:
     config = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "resume", "created_out")}
-    config.update(backend=ops.backend(), num_tasks=len(scenario.train), task_il=scenario.task_il,
+    config.update(backend=ops.backend(), world_size=_world(), num_tasks=len(scenario.train), task_il=scenario.task_il,
                   classes_per_task=[t.classes for t in scenario.train],
                   cpu_capability=torch.backends.cpu.get_cpu_capability(), num_threads=torch.get_num_threads(),
                   numerics_env={k: os.environ.get(k) for k in PORTABLE_NUMERICS}, cpu=_cpu())
@@ -296,6 +375,7 @@ def _main(args: argparse.Namespace, argv: List[str], doc: Optional[Dict]) -> int
 
 def _experiment(args: argparse.Namespace, argv: List[str], doc: Optional[Dict]) -> int:
     resumed = doc is not None
+    first = _rank() == 0  # under torchrun rank 0 alone writes the results and draws the figures
     if not resumed:
         doc = io.metadata(argv, torch.get_num_threads(), args.device)
     doc.setdefault("resumed_at", [])
@@ -307,7 +387,8 @@ def _experiment(args: argparse.Namespace, argv: List[str], doc: Optional[Dict]) 
     print(f"clfast {__version__}: {args.scenario} {dataset}, model {args.model}, {args.epochs} epoch(s) per task, "
           f"SGD lr {args.lr} momentum {args.momentum}, batch {args.batch_size}, seeds {args.seeds}, backend "
           f"{ops.backend()}, device {args.device}, numerics {args.numerics} "
-          f"({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
+          f"({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+          + (f" in each of {_world()} processes)" if _world() > 1 else ")")
           + (f"; resuming {len(todo)} of {len(args.seeds) * len(args.methods)} runs" if resumed else ""), flush=True)
     scenario, built_for, progress = None, None, None
     try:
@@ -320,30 +401,36 @@ def _experiment(args: argparse.Namespace, argv: List[str], doc: Optional[Dict]) 
                     scenario = scenarios.build(args.scenario, args.dataset or "fashion-mnist", args.data_dir,
                                                tasks=args.tasks, seed=seed, fraction=args.fraction)
                 except (FileNotFoundError, ValueError) as exc:
-                    print(f"error: {exc}", file=sys.stderr)
-                    if getattr(args, "created_out", False) and not os.listdir(args.out):
+                    if first:
+                        print(f"error: {exc}", file=sys.stderr)
+                    if first and getattr(args, "created_out", False) and not os.listdir(args.out):
                         os.rmdir(args.out)  # nothing is left behind
                     return 2
                 built_for = key
                 doc["config"] = _config(args, scenario)
-                io.write_results(args.out, _with_methods(doc, runs, args.methods), scenario.task_il)
+                if first:
+                    io.write_results(args.out, _with_methods(doc, runs, args.methods), scenario.task_il)
             steps = args.epochs * sum(-(-len(t.y) // args.batch_size) for t in scenario.train)
-            if progress is None:
+            if progress is None and first:
                 progress = Progress(steps * len(todo))
             for method in args.methods:
                 if (seed, method) not in todo:
                     continue
                 label = f"[{todo.index((seed, method)) + 1}/{len(todo)}] {method} seed {seed}"
-                progress.begin(label, steps, len(scenario.train), args.epochs)
+                if progress is not None:
+                    progress.begin(label, steps, len(scenario.train), args.epochs)
                 try:
                     record = loop.train(method, scenario, args, seed, progress)
                 except loop.RunFailed as exc:
                     record = {"seed": seed, "status": "failed", "error": str(exc),
                               "failed_at": {"task": exc.task, "step": exc.step}}
                 finally:
-                    progress.end()
+                    if progress is not None:
+                        progress.end()
                 reports = record.pop("_reports", {})
                 runs[method].append(record)
+                if not first:
+                    continue
                 io.write_results(args.out, _with_methods(doc, runs, args.methods), scenario.task_il)
                 if "fisher" in reports and not args.no_plots and seed == args.seeds[0]:
                     plots.fisher(args.out, method, seed, reports["fisher"])
@@ -351,6 +438,8 @@ def _experiment(args: argparse.Namespace, argv: List[str], doc: Optional[Dict]) 
     except KeyboardInterrupt as exc:
         done = sum(len(r) for r in runs.values())
         doc["interrupted_at"] = io.now()
+        if not first:
+            return 130
         if scenario is not None:
             io.write_results(args.out, _with_methods(doc, runs, args.methods), scenario.task_il)
         io.clear_partial(args.out)
@@ -368,14 +457,15 @@ def _experiment(args: argparse.Namespace, argv: List[str], doc: Optional[Dict]) 
     doc["finished_at"], doc["complete"] = io.now(), True
     doc.pop("interrupted_at", None)
     task_il = doc["config"]["task_il"]
-    io.write_results(args.out, doc, task_il)
-    if not args.no_plots:
+    if first:
+        io.write_results(args.out, doc, task_il)
+    if first and not args.no_plots:
         plots.draw(args.out, doc)
     print()
     print(io.table(doc["methods"], task_il))
     print(f"\nresults, CSV files{'' if args.no_plots else ' and figures'} in {os.path.abspath(args.out)}")
     failed = [m for m, e in doc["methods"].items() if e["status"] != "ok"]
-    if failed:
+    if failed and first:
         print(f"failed: {', '.join(failed)} (see above; their numbers are not results)", file=sys.stderr)
     return 1 if failed else 0
 

@@ -2,6 +2,11 @@
 
 A run that diverges (a non-finite loss or parameter) or that ends a task with its accuracy on that task at
 chance raises :class:`Diverged`, with the task and step: its numbers are never a result.
+
+Under ``torch.distributed`` (``torchrun``) every rank runs the same loop on its share of each batch: the model is
+wrapped in ``DistributedDataParallel``, each rank's loss is weighted so that DDP's average gradient is the global
+batch's, the evaluation is sharded over the ranks and its counts summed, and every decision (divergence, chance,
+a penalty's stiffness) is taken on numbers all ranks share, so they stay in step.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -58,30 +64,71 @@ class Strategy:
     loss: Optional[Tensor] = None
     reports: Dict[str, object] = field(default_factory=dict)
     strength_changes: List[Dict] = field(default_factory=list)  # penalties lowered to stay stable
+    rank: int = 0                 # this process's rank under torch.distributed, and the number of ranks
+    world: int = 1
+
+    def shard(self, n: int) -> slice:
+        """This rank's contiguous share of ``n`` items (all of them in one process)."""
+        return _shard(n, self.rank, self.world)
 
     def report(self, key: str, value) -> None:
         """Keeps ``value`` for the figures (the EWC plugin reports its first Fisher)."""
         self.reports[key] = value
 
 
+def _shard(n: int, rank: int, world: int) -> slice:
+    """Rank ``rank``'s contiguous share of ``n`` items; the shares differ in size by at most one."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
+def _world() -> tuple:
+    """(rank, number of ranks) of this process under torch.distributed; (0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, task: Task, num_classes: int, device, task_il: bool):
-    """(class-IL accuracy, task-IL accuracy or None) of ``model`` on ``task``, from one pass."""
-    model.eval()
+def _correct(model: nn.Module, task: Task, num_classes: int, device, task_il: bool, part: slice) -> Tensor:
+    """[class-IL, task-IL] counts of correct predictions of ``model`` on the examples ``part`` of ``task``."""
     mask = None
     if task_il:  # only the task's own classes compete
         mask = torch.full((num_classes,), float("-inf"), device=device)
         mask[task.classes] = 0
     correct = torch.zeros(2, dtype=torch.int64)
-    for i in range(0, len(task.y), EVAL_CHUNK):
-        logits = model(task.inputs(slice(i, i + EVAL_CHUNK), device))
-        y = task.y[i:i + EVAL_CHUNK]
+    for i in range(part.start, part.stop, EVAL_CHUNK):
+        chunk = slice(i, min(part.stop, i + EVAL_CHUNK))
+        logits = model(task.inputs(chunk, device))
+        y = task.y[chunk]
         correct[0] += int((logits.argmax(1).cpu() == y).sum())
         if mask is not None:
             correct[1] += int(((logits + mask).argmax(1).cpu() == y).sum())
-    model.train()
-    n = max(1, len(task.y))
-    return float(correct[0]) / n, (float(correct[1]) / n if task_il else None)
+    return correct
+
+
+def evaluate_all(model: nn.Module, tasks: List[Task], num_classes: int, device, task_il: bool,
+                 rank: int = 0, world: int = 1) -> List[tuple]:
+    """(class-IL accuracy, task-IL accuracy or None) of ``model`` on each task, from one pass over its test data;
+    under torch.distributed each rank counts its share of every task and one all-reduce sums the counts."""
+    model.eval()
+    try:
+        counts = torch.stack([_correct(model, t, num_classes, device, task_il, _shard(len(t.y), rank, world))
+                              for t in tasks])
+    finally:
+        model.train()
+    if world > 1:
+        on = counts.to(device)  # NCCL reduces CUDA tensors only
+        dist.all_reduce(on)
+        counts = on.cpu()
+    return [(float(c[0]) / max(1, len(t.y)), float(c[1]) / max(1, len(t.y)) if task_il else None)
+            for c, t in zip(counts.tolist(), tasks)]
+
+
+def evaluate(model: nn.Module, task: Task, num_classes: int, device, task_il: bool):
+    """(class-IL accuracy, task-IL accuracy or None) of ``model`` on ``task``, from one pass."""
+    return evaluate_all(model, [task], num_classes, device, task_il)[0]
 
 
 def chance_margin(chance: float, n: int) -> float:
@@ -91,7 +138,12 @@ def chance_margin(chance: float, n: int) -> float:
 
 
 def _check_finite(model: nn.Module, losses: Tensor, strategy: "Strategy") -> None:
-    """After an epoch (one host sync): the first non-finite loss of ``losses``, else a non-finite parameter."""
+    """After an epoch (one host sync): the first non-finite loss of ``losses``, else a non-finite parameter.
+    Under torch.distributed ``losses`` are first summed over the ranks (each rank's is its share of the global
+    loss), so every rank sees the same losses and fails at the same step."""
+    if strategy.world > 1 and len(losses):
+        dist.all_reduce(losses)
+        losses /= strategy.world
     bad = (~torch.isfinite(losses)).nonzero()
     if len(bad):
         strategy.step -= len(losses) - int(bad[0]) - 1  # the failure names the step that went non-finite
@@ -104,15 +156,27 @@ def _check_finite(model: nn.Module, losses: Tensor, strategy: "Strategy") -> Non
         raise Diverged(f"parameter {name} is not finite (training diverged: lower --lr or the method's strength)")
 
 
+def _loss(strategy: Strategy) -> Tensor:
+    """The minibatch's mean cross-entropy; under torch.distributed this rank's sum times ranks / global count
+    (one all-reduce of the count), so that DDP's mean of the ranks' gradients is the global batch's."""
+    if strategy.world == 1:
+        return F.cross_entropy(strategy.mb_output, strategy.mb_y)
+    count = torch.tensor([float(len(strategy.mb_y))], device=strategy.device)
+    dist.all_reduce(count)
+    return F.cross_entropy(strategy.mb_output, strategy.mb_y, reduction="sum") * (strategy.world / count[0])
+
+
 def train(method: str, scenario: Scenario, args: argparse.Namespace, seed: int, progress=None) -> Dict:
     """Trains ``method`` with ``seed``; returns the run's record (see the README's results.json schema) with the
     plugins' reports under ``"_reports"``. A run that diverges, learns nothing of a task, or meets a method that
     does not apply (a ValueError) raises RunFailed."""
     device = torch.device(args.device)
-    torch.manual_seed(seed)
-    model = models.make_model(args.model, scenario.num_classes, scenario.input_shape).to(device)
+    rank, world = _world()
+    torch.manual_seed(seed)  # the same on every rank: the same initial model and random streams
+    model = models.make_model(args.model, scenario.num_classes, scenario.input_shape,
+                              sync_batchnorm=world > 1).to(device)
     strategy = Strategy(model=model, args=args, device=device,
-                        generator=torch.Generator(device=device).manual_seed(seed))
+                        generator=torch.Generator(device=device).manual_seed(seed), rank=rank, world=world)
     try:
         return _train(method, scenario, args, seed, strategy, progress)
     except (ValueError, FloatingPointError) as exc:
@@ -124,13 +188,16 @@ def train(method: str, scenario: Scenario, args: argparse.Namespace, seed: int, 
 def _train(method, scenario, args, seed, strategy, progress) -> Dict:
     model, device = strategy.model, strategy.device
     strategy.num_tasks = len(scenario.train)
-    strategy.forward = model
+    world = strategy.world
+    strategy.forward = model if world == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
     plugins = methods.build(method, strategy, args)
     options = {k: v for p in plugins for k, v in p.optimizer_options.items()}
     strategy.optimizer = SGD(model.parameters(), lr=args.lr, momentum=args.momentum, **options)
     order = torch.Generator().manual_seed(seed)
     T, C = len(scenario.train), scenario.num_classes
-    evals = lambda: [evaluate(model, s, C, device, scenario.task_il) for s in scenario.test]  # noqa: E731
+    evals = lambda: evaluate_all(model, scenario.test, C, device, scenario.task_il,  # noqa: E731
+                                 strategy.rank, world)
     base = evals()  # the untrained model: forward transfer's baseline
     acc, acc_til = np.zeros((T, T)), np.zeros((T, T))
     curves: List[List[float]] = []  # per epoch (over the whole run): class-IL accuracy on every task
@@ -147,13 +214,14 @@ def _train(method, scenario, args, seed, strategy, progress) -> Dict:
             batches = torch.randperm(len(task.y), generator=order).split(args.batch_size)
             losses = torch.empty(len(batches), device=device)
             for i, idx in enumerate(batches):
+                idx = idx[strategy.shard(len(idx))]  # the same permutation on every rank: this rank's share
                 strategy.stream_x, strategy.stream_y = task.inputs(idx, device), task.y[idx].to(device)
                 strategy.mb_x, strategy.mb_y = strategy.stream_x, strategy.stream_y
                 for p in plugins:
                     p.before_forward(strategy)
                 strategy.optimizer.zero_grad()
                 strategy.mb_output = strategy.forward(strategy.mb_x)
-                strategy.loss = F.cross_entropy(strategy.mb_output, strategy.mb_y)
+                strategy.loss = _loss(strategy)
                 for p in plugins:
                     p.before_backward(strategy)
                 strategy.loss.backward()

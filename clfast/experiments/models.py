@@ -41,21 +41,27 @@ class BaseNet(nn.Module):
 
 
 class DANClassifier(nn.Sequential):
-    """The three-layer DAN (``clfast.nn.DAN``, Tanh) on flattened images."""
+    """The three-layer DAN (``clfast.nn.DAN``, Tanh) on flattened images; ``sync_batchnorm``: its BatchNorms'
+    batch statistics over all ranks under torch.distributed."""
 
-    def __init__(self, num_classes: int = 10, in_features: int = 784) -> None:
-        super().__init__(nn.Flatten(), _DAN(in_features, num_classes))
+    def __init__(self, num_classes: int = 10, in_features: int = 784, sync_batchnorm: bool = False) -> None:
+        super().__init__(nn.Flatten(), _DAN(in_features, num_classes, sync_batchnorm=sync_batchnorm))
 
 
 MODELS = {"mlp": MLP, "basenet": BaseNet, "dan": DANClassifier}
 
 
-def make_model(name: str, num_classes: int, input_shape: Sequence[int] = (1, 28, 28)) -> nn.Module:
-    """``name`` for inputs of ``input_shape`` (``[C, H, W]``) and ``num_classes`` outputs."""
+def make_model(name: str, num_classes: int, input_shape: Sequence[int] = (1, 28, 28),
+               sync_batchnorm: bool = False) -> nn.Module:
+    """``name`` for inputs of ``input_shape`` (``[C, H, W]``) and ``num_classes`` outputs; ``sync_batchnorm``
+    (under torch.distributed) gives a model with BatchNorms the batch statistics of all ranks."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
     if name == "basenet":
         if tuple(input_shape) != (1, 28, 28):
             raise ValueError(f"--model basenet takes 1x28x28 images, not {'x'.join(map(str, input_shape))}")
         return BaseNet(num_classes=num_classes)
+    if name == "dan":
+        return DANClassifier(num_classes=num_classes, in_features=math.prod(input_shape),
+                             sync_batchnorm=sync_batchnorm)
     return MODELS[name](num_classes=num_classes, in_features=math.prod(input_shape))

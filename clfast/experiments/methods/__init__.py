@@ -67,8 +67,9 @@ def stable_strength(strategy, curvature: float, what: str, flag: str, value: flo
     new = stable / 2
     strategy.strength_changes.append({"task": strategy.task_index + 1, "flag": flag, "from": value, "to": new,
                                       "curvature": curvature, "limit": limit})
-    print(f"  {why}: {flag} {value:.4g} -> {new:.4g} from task {strategy.task_index + 2} on", file=sys.stderr,
-          flush=True)
+    if strategy.rank == 0:  # every rank takes the same decision; one says so
+        print(f"  {why}: {flag} {value:.4g} -> {new:.4g} from task {strategy.task_index + 2} on", file=sys.stderr,
+              flush=True)
     return new
 
 

@@ -97,7 +97,10 @@ class EWCPlugin(Plugin):
     def after_training_exp(self, strategy) -> None:
         task = strategy.experience
         n = min(len(task.y), self.fisher_samples)
-        data = torch.utils.data.TensorDataset(task.inputs(slice(0, n), strategy.device), task.y[:n].to(strategy.device))
+        # each rank its share of the samples (all of them when there are fewer than ranks): EWC averages the ranks'
+        # Fishers weighted by their examples, which is the Fisher of the n samples
+        part = strategy.shard(n) if n >= strategy.world else slice(0, n)
+        data = torch.utils.data.TensorDataset(task.inputs(part, strategy.device), task.y[part].to(strategy.device))
         self.ewc.consolidate(torch.utils.data.DataLoader(data, batch_size=256))
         if strategy.task_index == 0:  # what the Fisher figure draws
             strategy.report("fisher", self.ewc.fishers[0])

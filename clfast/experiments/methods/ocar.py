@@ -13,11 +13,13 @@ class OCARPlugin(Plugin):
                  "si": "combine at most one of ocar / si with other methods"}
 
     def __init__(self, strategy, args) -> None:
-        self.ocar = OCAR(strategy.model, ReservoirBuffer(args.buffer_size, generator=strategy.generator),
+        self.ocar = OCAR(strategy.model, ReservoirBuffer(args.buffer_size, generator=strategy.generator,
+                                                          scope="global"),
                          optimizer=None, representation=args.ocar_representation, damping=args.ocar_damping,
                          fisher=args.ocar_fisher, refresh=args.ocar_refresh, generator=strategy.generator,
                          fisher_backend=args.fisher_backend)
-        strategy.forward = self.ocar.forward
+        inner = strategy.forward  # the model, or its DistributedDataParallel wrapper
+        strategy.forward = lambda xs: self.ocar.forward(xs, inner)
 
     @staticmethod
     def add_arguments(group) -> None:

@@ -12,7 +12,9 @@ class ReplayPlugin(Plugin):
     help = "reservoir replay (--buffer-size samples), as many replayed as new per step"
 
     def __init__(self, strategy, args) -> None:
-        self.buffer = ReservoirBuffer(args.buffer_size, generator=strategy.generator)
+        # under torch.distributed one reservoir of the global stream, replicated on every rank, each rank replaying
+        # its share of the global batch's sample: what one process would train on
+        self.buffer = ReservoirBuffer(args.buffer_size, generator=strategy.generator, scope="global")
 
     def before_forward(self, strategy) -> None:
         if len(self.buffer):
