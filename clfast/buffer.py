@@ -53,7 +53,8 @@ class ReservoirBuffer:
               padded to the largest, all fields packed in one message (each rank receives ``world * max_r B_r``
               items' bytes); plus one broadcast of the generator's state (5056 bytes on the CPU, 16 on CUDA) when
               the ranks' differ; on CUDA, reading the sizes synchronises with the host once. Cost of a
-              ``sample``: one all_gather of 2 int64 per rank (n, generator hash); no items move.
+              ``sample``: one all_gather of 2 int64 per rank (n, generator hash; on CUDA, one more host
+              synchronisation); no items move.
 
             Without a process group (or with ``distributed=False``) both scopes are the single-process buffer,
             drawing from ``generator`` or, when None, torch's global generator.

@@ -587,3 +587,15 @@ def test_torchrun_with_two_processes_gives_one_processs_results(tmp_path, fake_f
         for key in ("acc_matrix", "acc_matrix_task_il"):  # 150 test images per task: at most one flipped
             np.testing.assert_allclose(b[key], a[key], atol=0.01, err_msg=f"{method} {key}")
         assert [c["flag"] for c in a["strength_changes"]] == [c["flag"] for c in b["strength_changes"]]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs gloo")
+def test_torchrun_refuses_a_batch_some_rank_would_get_nothing_of(tmp_path, fake_fmnist):  # noqa: F811
+    out = tmp_path / "two"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "clfast", "--out", str(out), "--data-dir", str(fake_fmnist), *QUICK, "--batch-size", "1",
+                        "--methods", "cbp"], env=_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert r.stderr.count("--batch-size 1 is smaller than the 2 processes") == 1  # said once, by rank 0
+    assert not out.exists()

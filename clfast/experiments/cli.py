@@ -221,6 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         code = _entry(argv)
     except SystemExit as exc:  # argparse has printed its error (or the help)
         code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    dist.barrier()  # torchrun stops every rank once one exits non-zero: none leaves before rank 0 has reported
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -289,17 +290,28 @@ def _checked_for_ranks(args: argparse.Namespace, doc: Optional[Dict]):
     args.world_size = world
     if world == 1:
         return args, doc
-    if args.device == "cuda":
-        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if args.device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if args.device != "cuda":
+            _exit_all(args, f"--device {args.device}: with {world} processes each rank takes the GPU of its LOCAL_RANK; "
+                            "give --device cuda")
+        if local >= torch.cuda.device_count():
+            _exit_all(args, f"--device cuda: LOCAL_RANK {local} but {torch.cuda.device_count()} CUDA device(s); run "
+                            "as many processes per node as GPUs")
+        args.device = f"cuda:{local}"
+        torch.cuda.set_device(local)
     if args.model == "dan" and any("ocar" in methods.parse(m) for m in args.methods):
-        _exit_all("--model dan: OCAR's ema Fisher recomputes a DAN layer on the rank's own batch statistics, which "
-                  "sync_batchnorm does not reach; run ocar on one process or on another model")
+        _exit_all(args, "--model dan: OCAR's ema Fisher recomputes a DAN layer on the rank's own batch statistics, "
+                        "which sync_batchnorm does not reach; run ocar on one process or on another model")
     return args, doc
 
 
-def _exit_all(message: str) -> None:
+def _exit_all(args: argparse.Namespace, message: str) -> None:
+    """Every rank exits 2 (each decides it alike); rank 0 says why and removes the output folder it made."""
     if _rank() == 0:
         print(f"python -m clfast: error: {message}", file=sys.stderr, flush=True)
+        if getattr(args, "created_out", False) and os.path.isdir(args.out) and not os.listdir(args.out):
+            os.rmdir(args.out)
     raise SystemExit(2)
 
 
@@ -401,12 +413,11 @@ def _experiment(args: argparse.Namespace, argv: List[str], doc: Optional[Dict]) 
                     scenario = scenarios.build(args.scenario, args.dataset or "fashion-mnist", args.data_dir,
                                                tasks=args.tasks, seed=seed, fraction=args.fraction)
                 except (FileNotFoundError, ValueError) as exc:
-                    if first:
-                        print(f"error: {exc}", file=sys.stderr)
-                    if first and getattr(args, "created_out", False) and not os.listdir(args.out):
-                        os.rmdir(args.out)  # nothing is left behind
-                    return 2
+                    return _refuse(args, str(exc))
                 built_for = key
+                problem = loop.empty_share(scenario, args.batch_size, _world())  # the same verdict on every rank
+                if problem:
+                    return _refuse(args, problem)
                 doc["config"] = _config(args, scenario)
                 if first:
                     io.write_results(args.out, _with_methods(doc, runs, args.methods), scenario.task_il)
@@ -468,6 +479,15 @@ def _experiment(args: argparse.Namespace, argv: List[str], doc: Optional[Dict]) 
     if failed and first:
         print(f"failed: {', '.join(failed)} (see above; their numbers are not results)", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _refuse(args: argparse.Namespace, message: str) -> int:
+    """Exit 2 before any run, leaving no output folder behind that this command created (every rank returns it)."""
+    if _rank() == 0:
+        print(f"error: {message}", file=sys.stderr)
+        if getattr(args, "created_out", False) and os.path.isdir(args.out) and not os.listdir(args.out):
+            os.rmdir(args.out)  # nothing is left behind
+    return 2
 
 
 def _trim() -> None:

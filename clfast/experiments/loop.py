@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..optim import SGD
 from . import methods, metrics, models
+from .methods import Diverged
 from .scenarios import Scenario, Task
 
 EVAL_CHUNK = 2048
@@ -36,10 +37,6 @@ class RunFailed(Exception):
         self.task, self.step, self.reason = task, step, reason
         where = f"task {task}/{num_tasks}, step {step}" if task else "before training"
         super().__init__(f"{where}: {reason}")
-
-
-class Diverged(FloatingPointError):
-    """Training went non-finite, or learnt nothing of a task."""
 
 
 @dataclass
@@ -81,6 +78,22 @@ def _shard(n: int, rank: int, world: int) -> slice:
     base, extra = divmod(n, world)
     start = rank * base + min(rank, extra)
     return slice(start, start + base + (rank < extra))
+
+
+def empty_share(scenario: Scenario, batch_size: int, world: int) -> Optional[str]:
+    """Why some rank of ``world`` would get no example of some training batch (its CBP and OCAR state would have
+    nothing to update from), or None."""
+    if world == 1:
+        return None
+    if batch_size < world:
+        return f"--batch-size {batch_size} is smaller than the {world} processes: each rank needs an example of every batch"
+    for t, task in enumerate(scenario.train):
+        last = len(task.y) % batch_size
+        if 0 < last < world:
+            return (f"--batch-size {batch_size}: task {t + 1}'s last batch of each epoch has {last} example(s), fewer than "
+                    f"the {world} processes (each rank needs one of every batch); choose a batch size that leaves no "
+                    f"remainder of 1 to {world - 1} of its {len(task.y)} examples")
+    return None
 
 
 def _world() -> tuple:
@@ -161,7 +174,7 @@ def _loss(strategy: Strategy) -> Tensor:
     (one all-reduce of the count), so that DDP's mean of the ranks' gradients is the global batch's."""
     if strategy.world == 1:
         return F.cross_entropy(strategy.mb_output, strategy.mb_y)
-    count = torch.tensor([float(len(strategy.mb_y))], device=strategy.device)
+    count = torch.full((1,), float(len(strategy.mb_y)), device=strategy.device)  # a fill: no host sync on CUDA
     dist.all_reduce(count)
     return F.cross_entropy(strategy.mb_output, strategy.mb_y, reduction="sum") * (strategy.world / count[0])
 
@@ -180,6 +193,10 @@ def train(method: str, scenario: Scenario, args: argparse.Namespace, seed: int, 
     try:
         return _train(method, scenario, args, seed, strategy, progress)
     except (ValueError, FloatingPointError) as exc:
+        if world > 1 and strategy.experience is not None and not isinstance(exc, Diverged):
+            # raised during training, perhaps on this rank alone: the others may be waiting in a collective
+            # this rank would not meet, so the job ends here (torchrun stops every rank) instead of going on
+            raise
         task = strategy.task_index + 1 if strategy.experience is not None else None
         reason = str(exc) if isinstance(exc, Diverged) else f"{type(exc).__name__}: {exc}"
         raise RunFailed(task, strategy.step, reason, len(scenario.train)) from exc

@@ -16,6 +16,11 @@ import sys
 from typing import Dict, List, Optional, Type
 
 
+class Diverged(FloatingPointError):
+    """Training went non-finite, learnt nothing of a task, or met a penalty too stiff for its step size: a failed
+    run. Under torch.distributed it is raised on every rank alike (it is decided on numbers they share)."""
+
+
 class Plugin:
     """A method's hooks; each does nothing unless overridden."""
 
@@ -63,7 +68,7 @@ def stable_strength(strategy, curvature: float, what: str, flag: str, value: flo
     why = (f"{what} is too stiff for SGD at lr {lr}, momentum {momentum}: its largest curvature {curvature:.4g} is "
            f"past 2 (1 + momentum) / lr = {limit:.4g}, where SGD diverges")
     if strategy.args.stiffness == "fail":
-        raise FloatingPointError(f"{why}; {flag} below {stable:.3g} is stable up to this task")
+        raise Diverged(f"{why}; {flag} below {stable:.3g} is stable up to this task")
     new = stable / 2
     strategy.strength_changes.append({"task": strategy.task_index + 1, "flag": flag, "from": value, "to": new,
                                       "curvature": curvature, "limit": limit})
