@@ -238,7 +238,8 @@ def _entry(argv: List[str]) -> int:
     try:
         if _rank() == 0:
             return _main(args, argv, doc)
-        with contextlib.redirect_stdout(open(os.devnull, "w")):  # rank 0 reports; errors still reach stderr
+        # rank 0 reports; the other ranks' errors still reach stderr
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
             return _main(args, argv, doc)
     finally:  # the libraries have read the variables by now; a caller's environment is left as it was
         _restore(before)
