@@ -7,7 +7,7 @@ the tensors' own device (gloo for CPU tensors, NCCL for CUDA ones).
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -32,6 +32,13 @@ def group(distributed: Optional[bool], process_group, who: str):
                                "(torch.distributed.init_process_group, or a torchrun launch)")
         return None
     return process_group if process_group is not None else torch.distributed.group.WORLD
+
+
+def rank_and_world() -> Tuple[int, int]:
+    """(rank, number of ranks) of this process in the default group; (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def weighted_mean_(tensors: List[Tensor], weight: float, process_group) -> None:
@@ -81,7 +88,11 @@ def rank_seed(seed: int, process_group) -> int:
 
 def all_gather_ints(values: List[int], device: torch.device, process_group) -> List[List[int]]:
     """Every rank's ``values`` (as many on each rank), in rank order: one all_gather of ``len(values)`` int64s per
-    rank on ``device`` (on CUDA, reading them back synchronises with the host)."""
+    rank. They are host numbers, so they go through the CPU whenever the group has a CPU backend (gloo, or
+    ``cpu:gloo,cuda:nccl``), with no wait for the GPU; a CUDA-only group (NCCL) takes them on ``device``, and
+    reading them back then synchronises with the host."""
+    if torch.device("cpu") in getattr(process_group, "_device_types", ()):
+        device = torch.device("cpu")
     mine = torch.tensor(values, dtype=torch.int64, device=device)
     out = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size(process_group))]
     torch.distributed.all_gather(out, mine, group=process_group)

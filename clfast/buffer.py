@@ -52,9 +52,9 @@ class ReservoirBuffer:
               (size, verdict of the checks, fields' signature, generator hash), one of the batches, each rank's
               padded to the largest, all fields packed in one message (each rank receives ``world * max_r B_r``
               items' bytes); plus one broadcast of the generator's state (5056 bytes on the CPU, 16 on CUDA) when
-              the ranks' differ; on CUDA, reading the sizes synchronises with the host once. Cost of a
-              ``sample``: one all_gather of 2 int64 per rank (n, generator hash; on CUDA, one more host
-              synchronisation); no items move.
+              the ranks' differ. Cost of a ``sample``: one all_gather of 2 int64 per rank (n, generator
+              hash); no items move. The int64 headers go through the CPU when the group has a CPU backend
+              (gloo, ``cpu:gloo,cuda:nccl``); in a CUDA-only group reading them synchronises with the host.
 
             Without a process group (or with ``distributed=False``) both scopes are the single-process buffer,
             drawing from ``generator`` or, when None, torch's global generator.

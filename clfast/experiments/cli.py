@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
+from .._distributed import rank_and_world
 from .._version import __version__
 from . import data, io, loop, methods, models, plots, scenarios
 
@@ -260,11 +261,11 @@ def _launch() -> bool:
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return rank_and_world()[0]
 
 
 def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return rank_and_world()[1]
 
 
 def _parse_on_first_rank(argv: List[str]):
@@ -294,8 +295,8 @@ def _checked_for_ranks(args: argparse.Namespace, doc: Optional[Dict]):
     if args.device.startswith("cuda"):
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if args.device != "cuda":
-            _exit_all(args, f"--device {args.device}: with {world} processes each rank takes the GPU of its LOCAL_RANK; "
-                            "give --device cuda")
+            _exit_all(args, f"--device {args.device}: with {world} processes each rank takes the GPU of its "
+                            "LOCAL_RANK; give --device cuda")
         if local >= torch.cuda.device_count():
             _exit_all(args, f"--device cuda: LOCAL_RANK {local} but {torch.cuda.device_count()} CUDA device(s); run "
                             "as many processes per node as GPUs")
@@ -308,12 +309,8 @@ def _checked_for_ranks(args: argparse.Namespace, doc: Optional[Dict]):
 
 
 def _exit_all(args: argparse.Namespace, message: str) -> None:
-    """Every rank exits 2 (each decides it alike); rank 0 says why and removes the output folder it made."""
-    if _rank() == 0:
-        print(f"python -m clfast: error: {message}", file=sys.stderr, flush=True)
-        if getattr(args, "created_out", False) and os.path.isdir(args.out) and not os.listdir(args.out):
-            os.rmdir(args.out)
-    raise SystemExit(2)
+    """Every rank exits 2 (each decides it alike), as :func:`_refuse` says."""
+    raise SystemExit(_refuse(args, message))
 
 
 class Progress:
@@ -485,7 +482,7 @@ def _experiment(args: argparse.Namespace, argv: List[str], doc: Optional[Dict]) 
 def _refuse(args: argparse.Namespace, message: str) -> int:
     """Exit 2 before any run, leaving no output folder behind that this command created (every rank returns it)."""
     if _rank() == 0:
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr, flush=True)
         if getattr(args, "created_out", False) and os.path.isdir(args.out) and not os.listdir(args.out):
             os.rmdir(args.out)  # nothing is left behind
     return 2

@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._distributed import rank_and_world
 from ..optim import SGD
 from . import methods, metrics, models
 from .methods import Diverged
@@ -86,21 +87,15 @@ def empty_share(scenario: Scenario, batch_size: int, world: int) -> Optional[str
     if world == 1:
         return None
     if batch_size < world:
-        return f"--batch-size {batch_size} is smaller than the {world} processes: each rank needs an example of every batch"
+        return (f"--batch-size {batch_size} is smaller than the {world} processes: each rank needs an example of "
+                "every batch")
     for t, task in enumerate(scenario.train):
         last = len(task.y) % batch_size
         if 0 < last < world:
-            return (f"--batch-size {batch_size}: task {t + 1}'s last batch of each epoch has {last} example(s), fewer than "
-                    f"the {world} processes (each rank needs one of every batch); choose a batch size that leaves no "
-                    f"remainder of 1 to {world - 1} of its {len(task.y)} examples")
+            return (f"--batch-size {batch_size}: task {t + 1}'s last batch of each epoch has {last} example(s), "
+                    f"fewer than the {world} processes (each rank needs one of every batch); choose a batch size "
+                    f"that leaves no remainder of 1 to {world - 1} of its {len(task.y)} examples")
     return None
-
-
-def _world() -> tuple:
-    """(rank, number of ranks) of this process under torch.distributed; (0, 1) without a process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 @torch.no_grad()
@@ -184,7 +179,7 @@ def train(method: str, scenario: Scenario, args: argparse.Namespace, seed: int, 
     plugins' reports under ``"_reports"``. A run that diverges, learns nothing of a task, or meets a method that
     does not apply (a ValueError) raises RunFailed."""
     device = torch.device(args.device)
-    rank, world = _world()
+    rank, world = rank_and_world()
     torch.manual_seed(seed)  # the same on every rank: the same initial model and random streams
     model = models.make_model(args.model, scenario.num_classes, scenario.input_shape,
                               sync_batchnorm=world > 1).to(device)
